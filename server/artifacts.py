@@ -1,0 +1,196 @@
+"""Versioned model artifacts: ``<root>/<version>/`` with ``.npy`` arrays and a checksummed manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Every array an artifact must hold, with its dtype; shapes are checked against the manifest.
+REQUIRED_ARRAYS: dict[str, str] = {
+    "item_table": "float32",  # Q: what one event adds to a user vector (rows = items)
+    "item_vectors": "float32",  # V: the FAISS side, score = u . V_i
+    "item_popularity": "float32",  # fallback ranking for users with no feedback yet
+    "item_ids": "<U",
+    "user_ids": "<U",
+    "pos_indptr": "int64",
+    "pos_items": "int32",
+    "neg_indptr": "int64",
+    "neg_items": "int32",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """A loaded, verified artifact: its manifest and arrays."""
+
+    path: Path
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def version(self) -> str:
+        """The version string (the directory name)."""
+        return str(self.manifest["version"])
+
+    @property
+    def neg_weight(self) -> float:
+        """The signed-input weight of a negative edge."""
+        return float(self.manifest["model"]["neg_weight"])
+
+    @property
+    def threshold(self) -> float:
+        """Rating threshold: at or above is positive."""
+        return float(self.manifest["dataset"]["threshold"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_version() -> str:
+    """A sortable, unique version name: UTC time to the millisecond."""
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+
+
+def save_artifact(
+    root: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any], version: str | None = None
+) -> Path:
+    """Write a new version atomically (temp dir, fsync, rename) and return its directory."""
+    missing = sorted(set(REQUIRED_ARRAYS) - set(arrays))
+    if missing:
+        raise ArtifactError(f"artifact is missing arrays {missing}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = version or new_version()
+    final = root / version
+    if final.exists():
+        raise ArtifactError(f"artifact version {final} already exists")
+    tmp = root / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files: dict[str, Any] = {}
+    for name, array in arrays.items():
+        path = tmp / f"{name}.npy"
+        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+        files[f"{name}.npy"] = {
+            "sha256": _sha256(path),
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+        }
+    body = {
+        "schema_version": SCHEMA_VERSION,
+        "version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **manifest,
+        "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
+    for path in tmp.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def list_versions(root: Path) -> list[str]:
+    """Versions under a root that have a manifest, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        and (p / MANIFEST).is_file()
+    )
+
+
+def resolve(path: Path) -> Path:
+    """A version directory from either a version dir or a root holding versions (newest wins)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    versions = list_versions(path)
+    if not versions:
+        raise ArtifactError(f"no artifact at {path}: no {MANIFEST} and no versions under it")
+    return path / versions[-1]
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and schema-check a version's manifest without loading arrays."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest_path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path} is not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: schema_version {manifest.get('schema_version')!r} is not "
+            f"supported (expected {SCHEMA_VERSION})"
+        )
+    for key in ("version", "files", "model", "dataset"):
+        if key not in manifest:
+            raise ArtifactError(f"{manifest_path}: missing key {key!r}")
+    return manifest
+
+
+def load_artifact(path: Path, verify: bool = True) -> Artifact:
+    """Load a version (or the newest under a root), verifying checksums, dtypes and shapes."""
+    path = resolve(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype in REQUIRED_ARRAYS.items():
+        file = f"{name}.npy"
+        entry = files.get(file)
+        if entry is None:
+            raise ArtifactError(f"{path}: manifest does not list {file}")
+        full = path / file
+        if not full.is_file():
+            raise ArtifactError(f"{path}: {file} is missing")
+        if verify and _sha256(full) != entry["sha256"]:
+            raise ArtifactError(f"{path}: checksum mismatch for {file}; the artifact is corrupt")
+        try:
+            array = np.load(full, allow_pickle=False)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: {file} cannot be read: {exc}") from None
+        if not str(array.dtype).startswith(dtype) or list(array.shape) != entry["shape"]:
+            raise ArtifactError(
+                f"{path}: {file} has dtype {array.dtype} shape {array.shape}, manifest says "
+                f"{entry['dtype']} {entry['shape']}"
+            )
+        arrays[name] = array
+    n_items, dim = arrays["item_table"].shape
+    if arrays["item_vectors"].shape != (n_items, dim) or len(arrays["item_ids"]) != n_items:
+        raise ArtifactError(f"{path}: item arrays disagree on the number of items or dimension")
+    return Artifact(path=path, manifest=manifest, arrays=arrays)

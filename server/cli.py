@@ -1,0 +1,144 @@
+"""The ``signedrec`` command line: train, evaluate, serve, versions, build-default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.errors import SignedrecError
+
+EXIT_USAGE = 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ARTIFACTS = REPO_ROOT / "model_artifacts" / "default"
+DEFAULT_DATA = REPO_ROOT / "model_artifacts" / "default-data"
+DEFAULT_THRESHOLD = 4.0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from server.config import load_config
+    from server.train import train
+
+    config = load_config(args.config)
+    path = train(Path(args.data), args.threshold, Path(args.out), config.model)
+    print(path)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from server.artifacts import load_artifact
+    from server.data import load_dataset
+    from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
+    from server.graph import build_graph
+
+    artifact = load_artifact(Path(args.artifact))
+    threshold = artifact.threshold if args.threshold is None else args.threshold
+    dataset = load_dataset(Path(args.data), threshold, require_test=args.split == "test")
+    split = getattr(dataset, args.split)
+    n_items = artifact.arrays["item_table"].shape[0]
+    if dataset.n_items > n_items:
+        raise SignedrecError(
+            f"{args.data}: has item ids up to {dataset.n_items - 1}, the artifact knows {n_items}"
+        )
+    graph = build_graph(dataset.train, threshold, dataset.n_users, n_items)
+    z = graph.signed_input(artifact.neg_weight)
+    table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
+    masked = interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users, n_items)
+    truth = ground_truth(split, threshold, dataset.n_users, n_items)
+    metrics = evaluate_scores(lambda u: (z[u] @ table) @ vectors.T, truth, masked)
+    result = {k: v for k, v in metrics.items() if not k.startswith(("hitrate", "mrr"))}
+    result["users"] = int(metrics["users"])
+    extras = {k: v for k, v in metrics.items() if k.startswith(("hitrate", "mrr"))}
+    if args.json:
+        print(json.dumps({**result, **extras}))
+    else:
+        for key, value in {**result, **extras}.items():
+            print(f"{key:>14s} {value:.4f}" if isinstance(value, float) else f"{key:>14s} {value}")
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from server.artifacts import list_versions, read_manifest
+
+    root = Path(args.root)
+    for version in list_versions(root):
+        manifest = read_manifest(root / version)
+        test = manifest.get("metrics", {}).get("test", {})
+        print(version, f"ndcg@20(test)={test.get('ndcg@20', float('nan')):.4f}")
+    return 0
+
+
+def _cmd_build_default(args: argparse.Namespace) -> int:
+    from server.artifacts import list_versions
+    from server.config import load_config
+    from server.train import train
+
+    if list_versions(DEFAULT_ARTIFACTS) and not args.force:
+        print(f"default artifact present under {DEFAULT_ARTIFACTS}")
+        return 0
+    path = train(DEFAULT_DATA, DEFAULT_THRESHOLD, DEFAULT_ARTIFACTS, load_config(None).model)
+    print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.api import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; kept separate so tests can check the contract."""
+    parser = argparse.ArgumentParser(prog="signedrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on DIR/train.txt, select on DIR/valid.txt")
+    p.add_argument("--data", required=True, help="directory with train.txt and valid.txt")
+    p.add_argument("--threshold", required=True, type=float, help="rating >= T is positive")
+    p.add_argument("--out", required=True, help="artifact root; a new version is written under it")
+    p.add_argument("--config", type=Path, default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate an artifact with the datasets' protocol")
+    p.add_argument("--artifact", required=True, help="artifact version dir or root (newest)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--threshold", type=float, default=None, help="default: the artifact's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("versions", help="list artifact versions under a root")
+    p.add_argument("root", nargs="?", default=str(DEFAULT_ARTIFACTS))
+    p.set_defaults(func=_cmd_versions)
+
+    p = sub.add_parser("build-default", help="train the embedded default from in-repo data")
+    p.add_argument("--force", action="store_true", help="train a new version even if one exists")
+    p.set_defaults(func=_cmd_build_default)
+
+    p = sub.add_parser("serve", help="serve recommendations over HTTP")
+    p.add_argument("--artifact", default=None, help="default: the embedded default")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--state-dir", default=None, help="event log and snapshots")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command; expected failures print one clear line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SignedrecError as exc:
+        print(f"signedrec {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

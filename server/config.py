@@ -1,0 +1,158 @@
+"""Every tunable of signedrec in one msgspec tree, loaded from TOML and ``SIGNEDREC_*`` env vars."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from server.errors import ConfigError
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Shared flags for every config and wire struct: unknown fields are errors, not silence."""
+
+
+class ModelConfig(Base):
+    """The signed linear graph model and its automatic hyper-parameter search."""
+
+    dim: int = 256
+    seed: int = 0
+    selection_metric: Literal["ndcg@20", "recall@20"] = "ndcg@20"
+    # Starting point and grids of the coordinate search, identical for every dataset. The ridge
+    # penalty is relative to the mean item degree, so one grid fits catalogues of any density.
+    start: dict[str, float] = msgspec.field(
+        default_factory=lambda: {
+            "neg_weight": 0.5,
+            "l2": 4.0,
+            "dropout": 0.25,
+            "gf_rank": 64,
+            "gf_ideal": 1.0,
+            "gf_mix": 1.0,
+        }
+    )
+    l2_grid: tuple[float, ...] = (2.0, 8.0, 16.0, 32.0, 1.0)
+    dropout_grid: tuple[float, ...] = (0.0, 0.5)
+    neg_input_grid: tuple[float, ...] = (0.25, 1.0, 0.0)
+    gf_mix_grid: tuple[float, ...] = (1.0, 2.0, 0.5, 4.0)
+    gf_rank_grid: tuple[float, ...] = (32, 128, 256)
+    gf_ideal_grid: tuple[float, ...] = (0.5, 2.0)
+    # Stop searching one axis after this many trials in a row without improvement.
+    patience: int = 2
+
+
+class EventWeights(Base):
+    """How a feedback kind maps to a signed weight in the user's fold-in."""
+
+    like: float = 1.0
+    dislike: float = -1.0
+    skip: float = -0.25
+    rating_positive: float = 1.0
+    rating_negative: float = -1.0
+
+
+class RankingConfig(Base):
+    """Candidate retrieval, exclusion and negative suppression."""
+
+    default_k: int = 20
+    max_k: int = 200
+    candidate_multiplier: int = 4
+    candidate_min: int = 100
+    suppression_gamma: float = 0.5
+    suppression_recent: int = 50
+    exclude_seen: bool = True
+
+
+class IndexConfig(Base):
+    """FAISS index kind and device."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    ivf_nlist: int = 256
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+
+
+class KernelConfig(Base):
+    """Which numba backend runs the hot path."""
+
+    backend: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EventLogConfig(Base):
+    """The durable feedback log."""
+
+    segment_bytes: int = 64 * 1024 * 1024
+    replay_batch: int = 65536
+    snapshot_every_events: int = 1_000_000
+    fsync: bool = True
+
+
+class ServerConfig(Base):
+    """HTTP limits and addresses."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1024 * 1024
+    max_events_per_batch: int = 5000
+    history_default_limit: int = 100
+    history_max_limit: int = 5000
+    state_dir: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Base):
+    """The whole configuration."""
+
+    model: ModelConfig = ModelConfig()
+    events: EventWeights = EventWeights()
+    ranking: RankingConfig = RankingConfig()
+    index: IndexConfig = IndexConfig()
+    kernels: KernelConfig = KernelConfig()
+    log: EventLogConfig = EventLogConfig()
+    server: ServerConfig = ServerConfig()
+
+
+ENV_PREFIX = "SIGNEDREC_"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Turn ``SIGNEDREC_SECTION__FIELD=value`` variables into a nested dict of raw strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, fields in extra.items():
+        merged.setdefault(section, {}).update(fields)
+    return merged
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load config from an optional TOML file, then apply env overrides; errors name the field."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    overrides = _env_overrides(os.environ if env is None else env)
+    try:
+        # Env values are strings; strict=False lets msgspec parse "8080" into an int field.
+        return msgspec.convert(_merge(raw, overrides), Config, strict=False)
+    except msgspec.ValidationError as exc:
+        where = f"config file {path}" if path else "configuration"
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,210 @@
+"""Reading signed ``user item rating`` files into contiguous arrays, with file/line/problem errors."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class Interactions:
+    """One split as parallel arrays of dense user ids, item ids and ratings."""
+
+    users: np.ndarray  # int32
+    items: np.ndarray  # int32
+    ratings: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def positive(self, threshold: float) -> np.ndarray:
+        """Boolean mask of positive interactions (rating at or above the threshold)."""
+        return self.ratings >= threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Train/valid/test splits sharing one dense id space, plus its source fingerprint."""
+
+    train: Interactions
+    valid: Interactions
+    test: Interactions | None
+    n_users: int
+    n_items: int
+    threshold: float
+    fingerprint: str
+    name: str
+
+
+def _parse_id(token: str, path: str, line: int, what: str) -> int:
+    try:
+        value = float(token)
+    except ValueError:
+        raise DataError(path, line, f"{what} id {token!r} is not a number") from None
+    if math.isnan(value) or math.isinf(value):
+        raise DataError(path, line, f"{what} id {token!r} is not finite")
+    if value < 0:
+        raise DataError(path, line, f"{what} id {token!r} is negative")
+    if value != int(value):
+        raise DataError(path, line, f"{what} id {token!r} is not an integer")
+    if value > np.iinfo(np.int32).max:
+        raise DataError(path, line, f"{what} id {token!r} is too large")
+    return int(value)
+
+
+def _parse_rating(token: str, path: str, line: int) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        raise DataError(path, line, f"rating {token!r} is not a number") from None
+    if math.isnan(value) or math.isinf(value):
+        raise DataError(path, line, f"rating {token!r} is not finite")
+    return value
+
+
+def _parse_lines(lines: Sequence[str], path: str) -> Interactions:
+    """Slow, exact parser that names the first bad line; used when the fast path fails."""
+    users: list[int] = []
+    items: list[int] = []
+    ratings: list[float] = []
+    for number, raw in enumerate(lines, start=1):
+        fields = raw.split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise DataError(path, number, f"expected 3 fields 'user item rating', got {len(fields)}")
+        users.append(_parse_id(fields[0], path, number, "user"))
+        items.append(_parse_id(fields[1], path, number, "item"))
+        ratings.append(_parse_rating(fields[2], path, number))
+    return Interactions(
+        np.asarray(users, dtype=np.int32),
+        np.asarray(items, dtype=np.int32),
+        np.asarray(ratings, dtype=np.float32),
+    )
+
+
+def read_interactions(path: Path) -> Interactions:
+    """Read one ``user item rating`` file; any malformed line raises DataError naming it."""
+    name = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(name, None, "file does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(name, None, f"not a UTF-8 text file ({exc.reason})") from None
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(name, None, "file is empty")
+    # Fast path: one vectorised parse; on any irregularity fall back to the line-naming parser.
+    tokens = text.split()
+    if len(tokens) % 3 == 0 and len(tokens) // 3 == sum(1 for ln in lines if ln.strip()):
+        try:
+            table = np.asarray(tokens, dtype=np.float64).reshape(-1, 3)
+        except ValueError:
+            table = None
+        if table is not None:
+            ids = table[:, :2]
+            if (
+                np.isfinite(table).all()
+                and (ids >= 0).all()
+                and (ids == np.floor(ids)).all()
+                and (ids <= np.iinfo(np.int32).max).all()
+            ):
+                return Interactions(
+                    np.ascontiguousarray(ids[:, 0], dtype=np.int32),
+                    np.ascontiguousarray(ids[:, 1], dtype=np.int32),
+                    np.ascontiguousarray(table[:, 2], dtype=np.float32),
+                )
+    return _parse_lines(lines, name)
+
+
+def fingerprint_files(paths: Sequence[Path]) -> str:
+    """A sha256 over the named files' bytes, so an artifact records exactly what it learned from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def load_dataset(directory: Path, threshold: float, require_test: bool = False) -> Dataset:
+    """Load train/valid(/test) from a directory; missing splits and bad rows raise DataError."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(str(directory), None, "data directory does not exist")
+    if math.isnan(threshold):
+        raise DataError(str(directory), None, "threshold is not a number")
+    needed = SPLITS if require_test else SPLITS[:2]
+    for split in needed:
+        if not (directory / f"{split}.txt").is_file():
+            raise DataError(str(directory / f"{split}.txt"), None, f"missing {split} split")
+    train = read_interactions(directory / "train.txt")
+    valid = read_interactions(directory / "valid.txt")
+    test_path = directory / "test.txt"
+    test = read_interactions(test_path) if test_path.is_file() else None
+    parts = [train, valid] + ([test] if test is not None else [])
+    n_users = int(max(int(p.users.max()) for p in parts)) + 1
+    n_items = int(max(int(p.items.max()) for p in parts)) + 1
+    files = [directory / f"{s}.txt" for s in SPLITS[:2]]
+    return Dataset(
+        train=train,
+        valid=valid,
+        test=test,
+        n_users=n_users,
+        n_items=n_items,
+        threshold=float(threshold),
+        fingerprint=fingerprint_files(files),
+        name=directory.name,
+    )
+
+
+class IdMap:
+    """Bidirectional map between external string ids and dense int32 indices."""
+
+    def __init__(self, external: Sequence[str] | np.ndarray) -> None:
+        self._list: list[str] = [str(x) for x in external]
+        self._index: dict[str, int] = {s: i for i, s in enumerate(self._list)}
+        if len(self._index) != len(self._list):
+            raise ValueError("IdMap has duplicate external ids")
+        self._array: np.ndarray | None = None
+
+    @classmethod
+    def dense(cls, n: int) -> IdMap:
+        """The map for datasets whose ids are already dense integers: id ``i`` is ``str(i)``."""
+        return cls([str(i) for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def get(self, external: str) -> int | None:
+        """The dense index of an external id, or None when unknown."""
+        return self._index.get(external)
+
+    def add(self, external: str) -> int:
+        """The dense index of an external id, appending it when new (online users)."""
+        index = self._index.get(external)
+        if index is None:
+            index = len(self._list)
+            self._index[external] = index
+            self._list.append(external)
+            self._array = None
+        return index
+
+    def external(self, indices: np.ndarray) -> list[str]:
+        """External ids for an array of dense indices (vectorised through a cached array)."""
+        if self._array is None:
+            self._array = np.asarray(self._list, dtype=object)
+        return self._array[indices].tolist()
+
+    def to_array(self) -> np.ndarray:
+        """The external ids as a unicode array, storable with ``allow_pickle=False``."""
+        return np.asarray(self._list, dtype=str)

@@ -1,0 +1,80 @@
+"""Domain exceptions: each carries a machine-readable code and detail, and knows nothing of HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SignedrecError(Exception):
+    """Base of every expected failure; ``code`` is stable and machine-readable."""
+
+    code: str = "error"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail: dict[str, Any] = detail or {}
+
+
+class ConfigError(SignedrecError):
+    """The configuration file or environment is invalid."""
+
+    code = "invalid_config"
+
+
+class DataError(SignedrecError):
+    """An input data file is malformed; detail names file, line and problem."""
+
+    code = "invalid_data"
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}", {"file": path, "line": line, "problem": problem})
+
+
+class ArtifactError(SignedrecError):
+    """An artifact is missing, corrupt, partial or of an incompatible schema."""
+
+    code = "invalid_artifact"
+
+
+class UnknownItemError(SignedrecError):
+    """An item id that the loaded model does not know."""
+
+    code = "unknown_item"
+
+
+class UnknownUserError(SignedrecError):
+    """A user id with no feedback and no trained history."""
+
+    code = "unknown_user"
+
+
+class InvalidEventError(SignedrecError):
+    """A feedback event that is well-formed JSON but semantically invalid."""
+
+    code = "invalid_event"
+
+
+class InvalidRequestError(SignedrecError):
+    """A request parameter out of its allowed range."""
+
+    code = "invalid_request"
+
+
+class LogUnavailableError(SignedrecError):
+    """The event log cannot be written (disk full, unwritable); writes are refused, reads go on."""
+
+    code = "log_unavailable"
+
+
+class LogCorruptError(SignedrecError):
+    """The event log has a corrupt record before its tail, which replay cannot skip safely."""
+
+    code = "log_corrupt"
+
+
+class NotReadyError(SignedrecError):
+    """The service is still loading its artifact or replaying its log."""
+
+    code = "not_ready"

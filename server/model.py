@@ -1,0 +1,199 @@
+"""The signed linear graph model: an item-item operator learned in closed form with torch + PyG.
+
+A user's input row ``z_u`` holds 1 for each liked item and ``neg_weight`` for each disliked one
+(explicit negatives still reveal exposure and taste; the search decides how much). Scores are
+``z_u @ S`` with the item-item operator
+
+    S = B_signed_ease + mix * scale * (P_norm + ideal * V_k V_k^T-filter)
+
+where ``B`` is a zero-diagonal ridge autoencoder with dropout-style regularisation fitted on the
+signed input, ``P_norm`` is the symmetric-normalised two-hop propagation item->user->item over the
+signed bipartite graph (torch-geometric degree normalisation + sparse matmul), and the ideal
+low-pass term keeps its top-k spectral components (GF-CF). ``S`` is factorised to rank ``dim`` as
+``Q V^T``, so a user vector is ``u = sum_i z_ui Q_i``: a pure function of the item side and the
+user's signed neighbourhood, and one feedback event is an exact O(d) in-place update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch_geometric.utils import scatter, spmm
+
+from server.graph import SignedGraph
+
+
+_BLOCK = 512  # item columns per block of the two-hop propagation
+_SCALE_USERS = 1024  # users sampled to match the scale of the two operator parts
+_SPECTRAL_KEEP = 256  # eigenvectors kept for the ideal low-pass filter
+_OVERSAMPLE = 16  # randomised SVD oversampling and power iterations
+_POWER_ITERS = 4
+
+
+def _column_block(adj: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Dense columns [start, stop) of a sparse CSR matrix."""
+    return adj.to_dense()[:, start:stop] if adj.shape[0] * adj.shape[1] < 1 << 22 else (
+        torch.index_select(adj.to_sparse_coo(), 1, torch.arange(start, stop)).to_dense()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Hyper:
+    """One point of the hyper-parameter space."""
+
+    neg_weight: float = 0.5
+    l2: float = 4.0  # relative to the mean item degree of the signed input
+    dropout: float = 0.25
+    gf_rank: int = 64
+    gf_ideal: float = 1.0
+    gf_mix: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain dict for the manifest."""
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+class SignedGraphModel:
+    """Closed-form pieces of the model for one signed graph, cached across search trials."""
+
+    def __init__(self, graph: SignedGraph, dtype: torch.dtype = torch.float32) -> None:
+        self.graph = graph
+        self.dtype = dtype
+        self._neg_weight: float | None = None
+        self._ease_cache: dict[tuple[float, float], torch.Tensor] = {}
+        self._spectral: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._p_norm: torch.Tensor | None = None
+        self._adj: torch.Tensor | None = None
+
+    # -- signed input ------------------------------------------------------------------------
+    def set_neg_weight(self, neg_weight: float) -> None:
+        """Rebuild every neg_weight-dependent cache (the input matrix changes)."""
+        if self._neg_weight == neg_weight:
+            return
+        self._neg_weight = neg_weight
+        self.z = self.graph.signed_input(neg_weight)
+        self._ease_cache.clear()
+        self._spectral = None
+        self._p_norm = None
+        self.gram = torch.from_numpy((self.z.T @ self.z).toarray()).to(self.dtype)
+        self.mean_degree = float(torch.diagonal(self.gram).mean().clamp_min(1e-9))
+
+    def _torch_sparse(self, m: sp.csr_matrix) -> torch.Tensor:
+        coo = m.tocoo()
+        index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+        return torch.sparse_coo_tensor(
+            index, torch.from_numpy(coo.data.astype(np.float32)), m.shape
+        ).coalesce()
+
+    # -- closed-form signed autoencoder --------------------------------------------------------
+    def ease(self, l2: float, dropout: float) -> torch.Tensor:
+        """Zero-diagonal ridge autoencoder on the signed input, dropout-style diagonal penalty."""
+        key = (l2, dropout)
+        if key not in self._ease_cache:
+            gram = self.gram
+            n = gram.shape[0]
+            diag = torch.diagonal(gram)
+            penalty = torch.full((n,), l2 * self.mean_degree, dtype=self.dtype)
+            if dropout > 0:
+                penalty = penalty + dropout / (1.0 - dropout) * diag
+            self._ease_cache.clear()  # free the previous solve before allocating the next
+            system = gram.clone()
+            system.diagonal().add_(penalty)
+            inverse = torch.linalg.inv(system)
+            del system
+            b = inverse @ gram
+            # Zero diagonal via the EASE Lagrangian, in place to keep one n x n temporary.
+            b.addcmul_(inverse, (torch.diagonal(b) / torch.diagonal(inverse)).unsqueeze(0), value=-1)
+            del inverse
+            self._ease_cache = {key: b}  # one cached solve bounds memory at O(n^2)
+        return self._ease_cache[key]
+
+    # -- signed graph filter ---------------------------------------------------------------
+    def _normalised_adjacency(self) -> torch.Tensor:
+        """D_u^-1/2 Z D_i^-1/2 over the signed bipartite graph, as a torch sparse matrix."""
+        coo = self.z.tocoo()
+        users = torch.from_numpy(coo.row.astype(np.int64))
+        items = torch.from_numpy(coo.col.astype(np.int64))
+        weight = torch.from_numpy(coo.data.astype(np.float32))
+        # Weighted degrees: a disliked item counts with its signed-input weight.
+        deg_u = scatter(weight, users, dim_size=self.graph.n_users, reduce="sum")
+        deg_i = scatter(weight, items, dim_size=self.graph.n_items, reduce="sum")
+        norm = weight * deg_u[users].clamp_min(1e-9).rsqrt() * deg_i[items].clamp_min(1e-9).rsqrt()
+        self.item_degree = deg_i
+        return torch.sparse_coo_tensor(
+            torch.stack([users, items]), norm, (self.graph.n_users, self.graph.n_items)
+        ).coalesce()
+
+    def p_norm(self) -> torch.Tensor:
+        """Two-hop normalised item-item propagation (item -> user -> item)."""
+        if self._p_norm is None:
+            adj = self._normalised_adjacency()
+            self._adj = adj
+            adj_t = adj.t().coalesce().to_sparse_csr()
+            adj_csc = adj.to_sparse_csr()
+            n = self.graph.n_items
+            p = torch.empty((n, n), dtype=self.dtype)
+            # R~^T R~ one block of item columns at a time, so the dense block stays small.
+            for start in range(0, n, _BLOCK):
+                stop = min(start + _BLOCK, n)
+                block = _column_block(adj_csc, start, stop)
+                p[:, start:stop] = spmm(adj_t, block).to(self.dtype)
+            self._p_norm = p
+        return self._p_norm
+
+    def spectral(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top eigenvectors of the normalised item-item operator (ideal low-pass filter)."""
+        if self._spectral is None or self._spectral[0].shape[1] < rank:
+            self.p_norm()  # also sets the item degrees
+            keep = min(max(rank, _SPECTRAL_KEEP), self.graph.n_items)
+            # Right singular vectors of the sparse normalised adjacency = top eigenvectors of
+            # R~^T R~, without an n x n eigendecomposition.
+            state = torch.random.get_rng_state()
+            torch.manual_seed(0)
+            _, _, vecs = torch.svd_lowrank(self._adj, q=keep, niter=_POWER_ITERS)
+            torch.random.set_rng_state(state)
+            self._spectral = (vecs.contiguous(), self.item_degree.clamp_min(1e-9).sqrt())
+        vecs, sqrt_deg = self._spectral
+        return vecs[:, :rank], sqrt_deg
+
+    def graph_filter(self, rank: int, ideal: float) -> torch.Tensor:
+        """GF-CF operator: linear normalised propagation plus the ideal low-pass component."""
+        vecs, sqrt_deg = self.spectral(rank)
+        out = (vecs / sqrt_deg[:, None]) @ (vecs.t() * sqrt_deg[None, :])
+        return out.mul_(ideal).add_(self.p_norm())
+
+    # -- the full operator -------------------------------------------------------------------
+    def operator(self, h: Hyper) -> np.ndarray:
+        """The dense item-item operator S for hyper-parameters ``h`` (float32)."""
+        self.set_neg_weight(h.neg_weight)
+        b = self.ease(h.l2, h.dropout)
+        if h.gf_mix <= 0:
+            return b.clone().numpy()
+        gf = self.graph_filter(h.gf_rank, h.gf_ideal)
+        # Scale-match the two parts on the training inputs so `mix` means the same everywhere.
+        sample = self.z[: min(self.z.shape[0], _SCALE_USERS)]
+        z = self._torch_sparse(sample).to(self.dtype)
+        scale = float(torch.linalg.norm(z @ b) / torch.linalg.norm(z @ gf).clamp_min(1e-12))
+        return gf.mul_(h.gf_mix * scale).add_(b).numpy()
+
+
+def factorise(operator: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``dim`` factors (Q, V) with Q V^T ~= S; Q folds users in, V is the FAISS item side."""
+    s = torch.from_numpy(np.asarray(operator, dtype=np.float32))
+    dim = min(dim, s.shape[0])
+    if dim >= s.shape[0] // 2:
+        u, sigma, vh = torch.linalg.svd(s, full_matrices=False)
+        v_mat = vh.t()
+    else:
+        # Randomised SVD: a few power iterations give the leading subspace at a fraction of cost.
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        u, sigma, v_mat = torch.svd_lowrank(s, q=min(dim + _OVERSAMPLE, s.shape[0]), niter=_POWER_ITERS)
+        torch.random.set_rng_state(generator_state)
+    root = sigma[:dim].sqrt()
+    q = (u[:, :dim] * root[None, :]).numpy()
+    v = (v_mat[:, :dim] * root[None, :]).numpy()
+    return np.ascontiguousarray(q), np.ascontiguousarray(v)
