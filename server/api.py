@@ -1,0 +1,445 @@
+"""The litestar app: thin handlers over LiveState, msgspec wire types, one error mapping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import uvicorn
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.params import Parameter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+import kernels
+from server.artifacts import list_versions
+from server.batcher import MicroBatcher
+from server.config import Base, Config, load_config
+from server.errors import (
+    InvalidRequestError,
+    LogUnavailableError,
+    NotReadyError,
+    SignedrecError,
+    UnknownItemError,
+    UnknownUserError,
+)
+from server.events import NewEvent
+from server.state import LiveState, Recommendation
+
+log = logging.getLogger("signedrec.api")
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+# -- wire types ------------------------------------------------------------------------------
+class FeedbackIn(Base):
+    """One feedback event as posted to the webhook."""
+
+    event_id: Id
+    user_id: Id
+    item_id: Id
+    kind: Literal["like", "dislike", "skip", "rating"]
+    value: float | None = None
+    ts: float | None = None
+
+
+class FeedbackOut(Base):
+    """How many events were new (applied) and how many were repeats (acknowledged only)."""
+
+    accepted: int
+    duplicates: int
+
+
+class ScoredItem(Base):
+    """One ranked item."""
+
+    item_id: str
+    score: float
+
+
+class RecommendationsOut(Base):
+    """A user's top-K."""
+
+    user_id: str
+    model_version: str
+    items: list[ScoredItem]
+    took_ms: float
+    fallback: bool
+
+
+class SimilarOut(Base):
+    """Nearest items to an item."""
+
+    item_id: str
+    model_version: str
+    items: list[ScoredItem]
+    took_ms: float
+
+
+class HistoryEvent(Base):
+    """One piece of a user's feedback; event_id and ts are null for trained edges."""
+
+    event_id: str | None
+    item_id: str
+    kind: str
+    value: float | None
+    ts: float | None
+
+
+class HistoryOut(Base):
+    """A user's feedback, newest first."""
+
+    user_id: str
+    events: list[HistoryEvent]
+
+
+class ErrorBody(Base):
+    """The one error shape."""
+
+    code: str
+    message: str
+    detail: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ErrorOut(Base):
+    """Envelope of every 4xx/5xx body."""
+
+    error: ErrorBody
+
+
+class Status(Base):
+    """Liveness/readiness answer."""
+
+    status: str
+    model_version: str | None = None
+    events_applied: int = 0
+
+
+FEEDBACK_DECODER = msgspec.json.Decoder(FeedbackIn | list[FeedbackIn])
+
+
+# -- errors ----------------------------------------------------------------------------------
+class MalformedJsonError(SignedrecError):
+    """The body is not JSON."""
+
+    code = "malformed_json"
+
+
+class SchemaError(SignedrecError):
+    """The body is JSON but violates the schema."""
+
+    code = "invalid_body"
+
+
+class BodyTooLargeError(SignedrecError):
+    """The body exceeds the configured size."""
+
+    code = "body_too_large"
+
+
+STATUS: dict[type[SignedrecError], int] = {
+    MalformedJsonError: 400,
+    SchemaError: 422,
+    InvalidRequestError: 422,
+    BodyTooLargeError: 413,
+    UnknownItemError: 404,
+    UnknownUserError: 404,
+    NotReadyError: 503,
+    LogUnavailableError: 503,
+}
+
+
+def _error_response(status: int, code: str, message: str, detail: dict[str, Any]) -> Response:
+    body = msgspec.json.encode(ErrorOut(ErrorBody(code=code, message=message, detail=detail)))
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def domain_error(_: Request, exc: SignedrecError) -> Response:
+    """Map a domain exception to its status code and the one error body."""
+    status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 400)
+    return _error_response(status, exc.code, exc.message, exc.detail)
+
+
+def http_error(_: Request, exc: HTTPException) -> Response:
+    """Framework errors (404 route, 405, 413, validation of path/query) in the same shape."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    status = exc.status_code
+    code = codes.get(status, "invalid_request" if status < 500 else "internal_error")
+    if status == 400 and exc.extra:
+        status, code = 422, "invalid_request"
+    detail = {"errors": exc.extra} if exc.extra else {}
+    return _error_response(status, code, str(exc.detail), detail)
+
+
+def internal_error(_: Request, exc: Exception) -> Response:
+    """Anything unexpected: logged with its traceback, answered 500 without internals."""
+    log.exception("unhandled error", exc_info=exc)
+    return _error_response(500, "internal_error", "internal server error", {})
+
+
+# -- metrics ---------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus collectors in one registry per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "signedrec_request_seconds", "Handler latency by route", ["route"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )  # fmt: skip
+        self.events = Counter("signedrec_events_applied_total", "Events applied", registry=r)
+        self.duplicates = Counter("signedrec_events_duplicate_total", "Repeats", registry=r)
+        self.fsync = Histogram(
+            "signedrec_fsync_seconds", "Event log fsync latency", registry=r,
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+        )  # fmt: skip
+        self.index_size = Gauge("signedrec_index_items", "Items in the FAISS index", registry=r)
+        self.users = Gauge("signedrec_users", "Users known", registry=r)
+        self.model = Gauge("signedrec_model_info", "Loaded model", ["version"], registry=r)
+
+
+# -- app -------------------------------------------------------------------------------------
+class Service:
+    """What the handlers need: the live state once loaded, the batcher, the metrics."""
+
+    def __init__(self, artifact: Path, state_dir: Path, config: Config) -> None:
+        self.artifact = artifact
+        self.state_dir = state_dir
+        self.config = config
+        self.metrics = Metrics()
+        self.state: LiveState | None = None
+        self.batcher: MicroBatcher[Recommendation] | None = None
+        self.loading: asyncio.Task[None] | None = None
+
+    def load(self) -> LiveState:
+        """Load artifact, warm kernels, replay the log (blocking; runs off the event loop)."""
+        kernels.select_backend(self.config.kernels.backend)
+        kernels.warmup()
+        state = LiveState(self.artifact, self.state_dir, self.config)
+        state.open_log()
+        return state
+
+    async def start(self) -> None:
+        """Load in a worker thread so /healthz answers while the log replays."""
+        state = await asyncio.to_thread(self.load)
+        if state.log is not None:
+            state.log.on_commit = lambda seconds, _n: self.metrics.fsync.observe(seconds)
+        self.batcher = MicroBatcher(state.recommend_many)
+        self.metrics.index_size.set(state.item_side.n_items)
+        self.metrics.model.labels(state.item_side.version).set(1)
+        self.metrics.events.inc(state.events_applied)
+        self.state = state
+        log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    def live(self) -> LiveState:
+        """The state, or NotReadyError while loading."""
+        if self.state is None:
+            raise NotReadyError("the service is still loading its model or replaying its log")
+        return self.state
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> Status:
+    """Liveness: the process answers."""
+    return Status(status="ok")
+
+
+@get("/readyz", sync_to_thread=False)
+def readyz(request: Request) -> Response:
+    """Readiness: artifact loaded and log replayed."""
+    service = _service(request)
+    if service.state is None:
+        failed = service.loading is not None and service.loading.done()
+        return _error_response(503, "not_ready", "failed to load" if failed else "loading", {})
+    s = service.state
+    body = Status(status="ready", model_version=s.item_side.version, events_applied=s.events_applied)
+    return Response(msgspec.json.encode(body), media_type=MediaType.JSON)
+
+
+@get("/metrics", sync_to_thread=False, media_type=MediaType.TEXT)
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    service = _service(request)
+    if service.state is not None:
+        service.metrics.users.set(service.state.user_count())
+    return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
+
+
+@get("/v1/recommendations/{user_id:str}")
+async def recommendations(
+    request: Request,
+    user_id: str,
+    k: Annotated[int, Parameter(ge=1, le=10_000)] = 20,
+    include_liked: bool = False,
+) -> RecommendationsOut:
+    """Top-K for a user, excluding what they gave feedback on and suppressing dislike look-alikes."""
+    started = time.perf_counter()
+    service = _service(request)
+    state = service.live()
+    if k > state.config.ranking.max_k:
+        raise InvalidRequestError(
+            f"k must be between 1 and {state.config.ranking.max_k}", {"field": "k", "value": k}
+        )
+    result = await service.batcher.submit(user_id, k, include_liked)  # type: ignore[union-attr]
+    took = (time.perf_counter() - started) * 1000.0
+    service.metrics.latency.labels("recommendations").observe(took / 1000.0)
+    return RecommendationsOut(
+        user_id=user_id,
+        model_version=state.item_side.version,
+        items=[ScoredItem(i, s) for i, s in zip(result.items, result.scores, strict=True)],
+        took_ms=round(took, 3),
+        fallback=result.fallback,
+    )
+
+
+@post("/v1/feedback", status_code=200)
+async def feedback(request: Request) -> FeedbackOut:
+    """Log events durably (group-commit fsync), then apply them; repeats are acknowledged."""
+    started = time.perf_counter()
+    service = _service(request)
+    state = service.live()
+    body = await request.body()
+    limits = state.config.server
+    if len(body) > limits.max_body_bytes:
+        raise BodyTooLargeError(f"body exceeds {limits.max_body_bytes} bytes")
+    try:
+        decoded = FEEDBACK_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(str(exc), {"problem": str(exc)}) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJsonError(f"body is not valid JSON: {exc}") from None
+    events = decoded if isinstance(decoded, list) else [decoded]
+    if not events:
+        raise SchemaError("an empty list of events")
+    if len(events) > limits.max_events_per_batch:
+        raise SchemaError(f"at most {limits.max_events_per_batch} events per request")
+    state.validate(events)
+    fresh, duplicates = state.split_duplicates(events)
+    if fresh:
+        now = time.time()
+        new = [
+            NewEvent(event_id=e.event_id, user_id=e.user_id, item_id=e.item_id, kind=e.kind,
+                     value=e.value, ts=now if e.ts is None else e.ts)
+            for e in fresh
+        ]  # fmt: skip
+        state.reserve(fresh)
+        try:
+            records = await state.log.append(new)  # type: ignore[union-attr]
+        except BaseException:
+            state.release(fresh)
+            raise
+        state.apply(records)
+        service.metrics.events.inc(len(records))
+    service.metrics.duplicates.inc(duplicates)
+    service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
+    return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
+
+
+@get("/v1/users/{user_id:str}/history")
+async def history(request: Request, user_id: str, limit: int | None = None) -> HistoryOut:
+    """The user's signed feedback, newest first."""
+    state = _service(request).live()
+    limits = state.config.server
+    limit = limits.history_default_limit if limit is None else limit
+    if not 1 <= limit <= limits.history_max_limit:
+        raise InvalidRequestError(
+            f"limit must be between 1 and {limits.history_max_limit}", {"field": "limit"}
+        )
+    rows = state.history(user_id, limit)
+    if not rows and state.users.get(user_id) is None:
+        raise UnknownUserError(f"user {user_id!r} has no feedback", {"user_id": user_id})
+    return HistoryOut(user_id=user_id, events=[HistoryEvent(*row) for row in rows])
+
+
+@get("/v1/items/{item_id:str}/similar")
+async def similar(
+    request: Request, item_id: str, k: Annotated[int, Parameter(ge=1, le=10_000)] = 20
+) -> SimilarOut:
+    """Nearest items by cosine of the model's item vectors."""
+    started = time.perf_counter()
+    state = _service(request).live()
+    items, scores = state.similar(item_id, k)
+    return SimilarOut(
+        item_id=item_id,
+        model_version=state.item_side.version,
+        items=[ScoredItem(i, s) for i, s in zip(items, scores, strict=True)],
+        took_ms=round((time.perf_counter() - started) * 1000.0, 3),
+    )
+
+
+def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
+    """Build the app; loading starts at startup in the background, /readyz says when done."""
+    service = Service(artifact, state_dir, config)
+
+    async def on_startup(app: Litestar) -> None:
+        service.loading = asyncio.create_task(service.start())
+
+    async def on_shutdown(app: Litestar) -> None:
+        if service.loading is not None and not service.loading.done():
+            await asyncio.wait([service.loading])
+        if service.state is not None:
+            await service.state.close()
+
+    return Litestar(
+        route_handlers=[healthz, readyz, metrics, recommendations, feedback, history, similar],
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        state=State({"service": service}),
+        exception_handlers={
+            SignedrecError: domain_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+        request_max_body_size=config.server.max_body_bytes,
+        debug=False,
+    )
+
+
+def default_state_dir(artifact: Path) -> Path:
+    """Per-artifact state under the user's data directory (XDG), never inside the package."""
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "signedrec" / artifact.resolve().name
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``signedrec serve``: resolve artifact/state/config, then run uvicorn on uvloop."""
+    from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, DEFAULT_THRESHOLD
+
+    config = load_config(args.config)
+    if args.artifact is None:
+        artifact = DEFAULT_ARTIFACTS
+        if not list_versions(artifact):
+            from server.train import train
+
+            log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
+            train(DEFAULT_DATA, DEFAULT_THRESHOLD, artifact, config.model)
+    else:
+        artifact = Path(args.artifact)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    state_dir = Path(args.state_dir or config.server.state_dir or default_state_dir(artifact))
+    app = create_app(artifact, state_dir, config)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=config.server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0

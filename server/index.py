@@ -1,0 +1,71 @@
+"""FAISS inner-product indexes over item vectors, on the GPU when one is usable, else the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+from server.config import IndexConfig
+
+log = logging.getLogger("signedrec.index")
+
+
+def gpu_count() -> tuple[int, str]:
+    """How many GPUs faiss can use, with the reason when none."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0, "this faiss build has no GPU support (faiss-cpu)"
+    try:
+        count = int(faiss.get_num_gpus())
+    except RuntimeError as exc:  # driver problems surface as RuntimeError
+        return 0, f"faiss GPU probe failed: {exc}"
+    return (count, "") if count > 0 else (0, "no GPU visible to faiss")
+
+
+class ItemIndex:
+    """One FAISS index over a fixed item matrix; ids are the dense item indices."""
+
+    def __init__(self, vectors: np.ndarray, config: IndexConfig, name: str = "items") -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.size, self.dim = vectors.shape
+        self.kind = config.kind
+        cpu_index = self._build_cpu(vectors, config)
+        self.device = "cpu"
+        self._gpu_resources = None
+        index = cpu_index
+        if config.device != "cpu":
+            count, reason = gpu_count()
+            if count > 0:
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, cpu_index)
+                self.device = "gpu"
+            elif config.device == "gpu":
+                raise RuntimeError(f"index.device=gpu but {reason}")
+            else:
+                log.info("faiss index %s on CPU: %s", name, reason)
+        log.info("faiss %s index %s: %d x %d on %s", self.kind, name, self.size, self.dim, self.device)
+        self._index = index
+
+    @staticmethod
+    def _build_cpu(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
+        n, d = vectors.shape
+        if config.kind == "ivf" and n >= config.ivf_nlist * 8:
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, config.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = config.ivf_nprobe
+        elif config.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = config.hnsw_ef_search
+        else:
+            # Exact search; also the fallback for IVF on catalogues too small to train it.
+            index = faiss.IndexFlatIP(d)
+        index.add(vectors)
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores float32, ids int64) per query row; -1 ids where fewer exist."""
+        k = max(1, min(k, self.size))
+        scores, ids = self._index.search(queries, k)
+        return scores, ids

@@ -1,0 +1,370 @@
+"""The live state: artifact item side, users' vectors and signed feedback, indexes, the event log.
+
+Every accepted event is made durable in the log first, then applied here: the user's latest
+signed strength per item replaces the previous one, and the user's vector moves by exactly the
+difference of fold-in weights times the item's table row (one ``kernels.apply_events`` call per
+batch), so the served vector always equals ``sum_i weight(u, i) * Q_i`` over the user's graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import kernels
+from server.artifacts import Artifact, load_artifact
+from server.config import Config
+from server.data import IdMap
+from server.errors import InvalidEventError, InvalidRequestError, UnknownItemError
+from server.events import EventLog, EventRecord, NewEvent, OpenReport
+from server.index import ItemIndex
+from server.ranking import Ragged, rank
+
+log = logging.getLogger("signedrec.state")
+
+TRAIN_KIND = {True: "like", False: "dislike"}
+
+
+@dataclass(slots=True)
+class UserFeedback:
+    """One user's signed feedback: latest strength per item, recent dislikes, event history."""
+
+    strength: dict[int, float] = field(default_factory=dict)
+    # Insertion-ordered: the most recent dislike is last.
+    recent_negative: dict[int, None] = field(default_factory=dict)
+    history: deque[tuple[int, str, int, str, float | None, float]] = field(
+        default_factory=deque
+    )
+    seen_cache: np.ndarray | None = None
+    negative_cache: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """A ranked list for one user."""
+
+    items: list[str]
+    scores: list[float]
+    fallback: bool
+
+
+class ItemSide:
+    """Everything derived from the artifact that does not change while it is served."""
+
+    def __init__(self, artifact: Artifact, config: Config) -> None:
+        arrays = artifact.arrays
+        self.artifact = artifact
+        self.version = artifact.version
+        self.items = IdMap(arrays["item_ids"])
+        self.table = np.ascontiguousarray(arrays["item_table"], dtype=np.float32)
+        self.vectors = np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32)
+        norms = np.linalg.norm(self.vectors, axis=1, keepdims=True)
+        self.unit = np.ascontiguousarray(self.vectors / np.where(norms > 0, norms, 1.0))
+        self.popular = np.argsort(-arrays["item_popularity"], kind="stable").astype(np.int32)
+        self.popular_scores = arrays["item_popularity"][self.popular].astype(np.float32)
+        self.neg_weight = artifact.neg_weight
+        self.threshold = artifact.threshold
+        self.index = ItemIndex(self.vectors, config.index, "score")
+        self.similar_index = ItemIndex(self.unit, config.index, "similar")
+
+    @property
+    def n_items(self) -> int:
+        """Catalogue size."""
+        return self.table.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self.table.shape[1]
+
+
+class LiveState:
+    """The serving state; used from one asyncio event loop (not thread-safe)."""
+
+    def __init__(self, artifact_path: Path, state_dir: Path, config: Config) -> None:
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.ready = False
+        artifact = load_artifact(artifact_path)
+        self.item_side = ItemSide(artifact, config)
+        arrays = artifact.arrays
+        self.users = IdMap(arrays["user_ids"])
+        self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
+        self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
+        self.n_trained_users = len(self._pos_indptr) - 1
+        self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
+        self._fold_trained()
+        self.feedback: dict[int, UserFeedback] = {}
+        self.event_ids: set[str] = set()
+        self.events_applied = 0
+        self.log: EventLog | None = None
+        self.open_report: OpenReport | None = None
+        self._weights = config.events
+
+    # -- construction ------------------------------------------------------------------------
+    def _fold_trained(self) -> None:
+        """Rebuild every trained user's vector from the trained signed graph (one kernel call)."""
+        n = self.n_trained_users
+        pos_deg = np.diff(self._pos_indptr)
+        neg_deg = np.diff(self._neg_indptr)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(pos_deg + neg_deg, out=indptr[1:])
+        rows = np.empty(indptr[-1], dtype=np.int32)
+        weights = np.empty(indptr[-1], dtype=np.float32)
+        # Each user's positives then negatives, laid out by vectorised offsets.
+        pos_owner = np.repeat(np.arange(n), pos_deg)
+        neg_owner = np.repeat(np.arange(n), neg_deg)
+        pos_at = indptr[pos_owner] + (np.arange(len(self._pos_items)) - self._pos_indptr[pos_owner])
+        neg_at = indptr[neg_owner] + pos_deg[neg_owner]
+        neg_at += np.arange(len(self._neg_items)) - self._neg_indptr[neg_owner]
+        rows[pos_at], weights[pos_at] = self._pos_items, 1.0
+        rows[neg_at], weights[neg_at] = self._neg_items, self.item_side.neg_weight
+        kernels.fold_csr(indptr, rows, weights, self.item_side.table, self.vectors[:n])
+
+    def open_log(self) -> OpenReport:
+        """Open the event log and replay it (after the artifact's watermark) in batches."""
+        self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
+        self.open_report = report
+        watermark = int(self.item_side.artifact.manifest.get("watermark", 0))
+        started = time.perf_counter()
+        for batch in self.log.replay(after_seq=watermark):
+            self._apply(batch, replay=True)
+        log.info(
+            "replayed %d events in %.2fs (log: %d records, %d segments%s)",
+            self.events_applied,
+            time.perf_counter() - started,
+            report.records,
+            report.segments,
+            f", repaired tail: {report.problem}" if report.problem else "",
+        )
+        self.ready = True
+        return report
+
+    async def close(self) -> None:
+        """Flush and close the event log."""
+        if self.log is not None:
+            await self.log.close()
+
+    # -- feedback ----------------------------------------------------------------------------
+    def strength(self, kind: str, value: float | None) -> float:
+        """Signed strength of one feedback kind: > 0 positive, < 0 negative."""
+        w = self._weights
+        if kind == "like":
+            return w.like
+        if kind == "dislike":
+            return w.dislike
+        if kind == "skip":
+            return w.skip
+        if value is None:
+            raise InvalidEventError("a rating event needs a value")
+        return w.rating_positive if value >= self.item_side.threshold else w.rating_negative
+
+    def fold_weight(self, strength: float) -> float:
+        """How much of an item's table row a signed strength adds to the user vector."""
+        return strength if strength > 0 else -strength * self.item_side.neg_weight
+
+    def validate(self, events: Sequence[NewEvent]) -> None:
+        """Refuse the whole batch before logging if any event names an unknown item."""
+        items = self.item_side.items
+        for position, event in enumerate(events):
+            if items.get(event.item_id) is None:
+                raise UnknownItemError(
+                    f"item {event.item_id!r} is not in model {self.item_side.version}",
+                    {"index": position, "item_id": event.item_id},
+                )
+            if event.kind == "rating" and event.value is None:
+                raise InvalidEventError(
+                    "a rating event needs a value", {"index": position, "field": "value"}
+                )
+
+    def split_duplicates(self, events: Sequence[NewEvent]) -> tuple[list[NewEvent], int]:
+        """New events (first occurrence of each id) and how many were repeats."""
+        fresh: list[NewEvent] = []
+        batch_ids: set[str] = set()
+        for event in events:
+            if event.event_id in self.event_ids or event.event_id in batch_ids:
+                continue
+            batch_ids.add(event.event_id)
+            fresh.append(event)
+        return fresh, len(events) - len(fresh)
+
+    def reserve(self, events: Iterable[NewEvent]) -> None:
+        """Mark ids as taken before the log write, so a concurrent repeat is not applied twice."""
+        self.event_ids.update(e.event_id for e in events)
+
+    def release(self, events: Iterable[NewEvent]) -> None:
+        """Undo ``reserve`` when the write failed and nothing was accepted."""
+        self.event_ids.difference_update(e.event_id for e in events)
+
+    def _user_feedback(self, user: int) -> UserFeedback:
+        record = self.feedback.get(user)
+        if record is None:
+            record = UserFeedback(history=deque(maxlen=self.config.server.history_max_limit))
+            if user < self.n_trained_users:
+                pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
+                neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+                record.strength = dict.fromkeys(pos.tolist(), 1.0)
+                record.strength.update(dict.fromkeys(neg.tolist(), -1.0))
+                record.recent_negative = dict.fromkeys(neg.tolist())
+            self.feedback[user] = record
+        return record
+
+    def _user_index(self, external: str) -> int:
+        index = self.users.add(external)
+        if index >= self.vectors.shape[0]:
+            grown = np.zeros((self.vectors.shape[0] * 2, self.vectors.shape[1]), np.float32)
+            grown[: self.vectors.shape[0]] = self.vectors
+            self.vectors = grown
+        return index
+
+    def apply(self, records: Sequence[EventRecord]) -> None:
+        """Apply durable records to graph and vectors (in seq order), one kernel call per batch."""
+        self._apply(records, replay=False)
+
+    def _apply(self, records: Sequence[EventRecord], replay: bool) -> None:
+        n = len(records)
+        users = np.empty(n, dtype=np.int32)
+        rows = np.empty(n, dtype=np.int32)
+        deltas = np.empty(n, dtype=np.float32)
+        items = self.item_side.items
+        used = 0
+        for record in records:
+            item = items.get(record.item_id)
+            if item is None:  # a log written under another catalogue; skip, never mis-apply
+                continue
+            if replay:
+                self.event_ids.add(record.event_id)
+            user = self._user_index(record.user_id)
+            feedback = self._user_feedback(user)
+            new = self.strength(record.kind, record.value)
+            old = feedback.strength.get(item)
+            feedback.strength[item] = new
+            feedback.recent_negative.pop(item, None)
+            if new < 0:
+                feedback.recent_negative[item] = None
+            feedback.seen_cache = feedback.negative_cache = None
+            feedback.history.append(
+                (record.seq, record.event_id, item, record.kind, record.value, record.ts)
+            )
+            delta = self.fold_weight(new) - (0.0 if old is None else self.fold_weight(old))
+            users[used], rows[used], deltas[used] = user, item, delta
+            used += 1
+        if used:
+            kernels.apply_events(self.vectors, self.item_side.table, users[:used], rows[:used],
+                                 deltas[:used])  # fmt: skip
+        self.events_applied += used
+
+    # -- reads -------------------------------------------------------------------------------
+    def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        feedback = self.feedback.get(user)
+        recent = self.config.ranking.suppression_recent
+        if feedback is None:
+            if user >= self.n_trained_users:
+                return np.empty(0, np.int32), np.empty(0, np.int32)
+            pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
+            neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+            return np.sort(np.concatenate([pos, neg])), neg[-recent:]
+        if feedback.seen_cache is None:
+            feedback.seen_cache = np.sort(np.fromiter(feedback.strength, np.int32))
+            negatives = np.fromiter(feedback.recent_negative, np.int32)
+            feedback.negative_cache = np.ascontiguousarray(negatives[-recent:][::-1])
+        return feedback.seen_cache, feedback.negative_cache
+
+    def recommend_many(
+        self, user_ids: Sequence[str], k: int, include_liked: bool = False
+    ) -> list[Recommendation]:
+        """Recommendations for a batch of users: one FAISS search and one kernel call."""
+        if not 1 <= k <= self.config.ranking.max_k:
+            raise InvalidRequestError(
+                f"k must be between 1 and {self.config.ranking.max_k}", {"field": "k", "value": k}
+            )
+        known: list[int] = []
+        positions: list[int] = []
+        out: list[Recommendation | None] = [None] * len(user_ids)
+        for position, external in enumerate(user_ids):
+            user = self.users.get(external)
+            if user is None or (user >= self.n_trained_users and user not in self.feedback):
+                out[position] = self._popular(k)
+            else:
+                known.append(user)
+                positions.append(position)
+        if known:
+            excluded: list[np.ndarray] = []
+            disliked: list[np.ndarray] = []
+            for user in known:
+                seen, negative = self._seen_and_negative(user)
+                if include_liked:
+                    seen = np.sort(negative)
+                excluded.append(seen if self.config.ranking.exclude_seen else np.sort(negative))
+                disliked.append(negative)
+            ids, scores = rank(
+                self.item_side.index,
+                self.item_side.unit,
+                self.vectors[np.asarray(known)],
+                Ragged.from_lists(excluded),
+                Ragged.from_lists(disliked),
+                k,
+                self.config.ranking,
+            )
+            item_map = self.item_side.items
+            for row, position in enumerate(positions):
+                keep = ids[row] >= 0
+                out[position] = Recommendation(
+                    item_map.external(ids[row][keep]), scores[row][keep].tolist(), False
+                )
+        return [r for r in out if r is not None]
+
+    def _popular(self, k: int) -> Recommendation:
+        items = self.item_side.popular[:k]
+        return Recommendation(
+            self.item_side.items.external(items), self.item_side.popular_scores[:k].tolist(), True
+        )
+
+    def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:
+        """Nearest items by cosine of item vectors, the item itself left out."""
+        if not 1 <= k <= self.config.ranking.max_k:
+            raise InvalidRequestError(
+                f"k must be between 1 and {self.config.ranking.max_k}", {"field": "k", "value": k}
+            )
+        item = self.item_side.items.get(item_id)
+        if item is None:
+            raise UnknownItemError(f"item {item_id!r} is not in model {self.item_side.version}",
+                                   {"item_id": item_id})  # fmt: skip
+        query = self.item_side.unit[item : item + 1]
+        scores, ids = self.item_side.similar_index.search(query, k + 1)
+        keep = (ids[0] >= 0) & (ids[0] != item)
+        ids_kept, scores_kept = ids[0][keep][:k], scores[0][keep][:k]
+        return self.item_side.items.external(ids_kept), scores_kept.tolist()
+
+    def history(self, user_id: str, limit: int) -> list[tuple[str | None, str, str, float | None,
+                                                               float | None]]:  # fmt: skip
+        """The user's signed feedback newest first: logged events, then trained edges."""
+        user = self.users.get(user_id)
+        if user is None:
+            return []
+        items = self.item_side.items
+        out: list[tuple[str | None, str, str, float | None, float | None]] = []
+        feedback = self.feedback.get(user)
+        if feedback is not None:
+            for _, event_id, item, kind, value, ts in reversed(feedback.history):
+                if len(out) >= limit:
+                    return out
+                out.append((event_id, items.external(np.asarray([item]))[0], kind, value, ts))
+        if user < self.n_trained_users and len(out) < limit:
+            pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
+            neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+            trained = np.concatenate([pos, neg])[: limit - len(out)]
+            is_pos = np.arange(len(trained)) < len(pos)
+            for item, positive in zip(items.external(trained), is_pos.tolist(), strict=True):
+                out.append((None, item, TRAIN_KIND[positive], None, None))
+        return out
+
+    def user_count(self) -> int:
+        """Users known to the state (trained plus created online)."""
+        return len(self.users)
