@@ -23,6 +23,7 @@ from server.artifacts import list_versions
 from server.batcher import MicroBatcher
 from server.config import Base, Config, load_config
 from server.errors import (
+    InvalidEventError,
     InvalidRequestError,
     LogUnavailableError,
     NotReadyError,
@@ -148,6 +149,7 @@ STATUS: dict[type[SignedrecError], int] = {
     MalformedJsonError: 400,
     SchemaError: 422,
     InvalidRequestError: 422,
+    InvalidEventError: 422,
     BodyTooLargeError: 413,
     UnknownItemError: 404,
     UnknownUserError: 404,

@@ -1,0 +1,280 @@
+"""Behaviour of the real server process over HTTP: shapes, feedback semantics, durability."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACT = REPO / "model_artifacts" / "default"
+START_TIMEOUT = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A `signedrec serve` subprocess on a free loopback port."""
+
+    def __init__(self, state_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu", **(extra_env or {})}
+        self.log_path = state_dir.parent / f"server-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(ARTIFACT),
+             "--port", str(self.port), "--state-dir", str(state_dir)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.client.close()
+        self._log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("state") / "s")
+    yield srv
+    srv.stop()
+
+
+def _recs(srv: Server, user: str, k: int = 20) -> list[str]:
+    r = srv.client.get(f"/v1/recommendations/{user}", params={"k": k})
+    assert r.status_code == 200, r.text
+    return [x["item_id"] for x in r.json()["items"]]
+
+
+def _post(srv: Server, events: object) -> httpx.Response:
+    return srv.client.post("/v1/feedback", json=events)
+
+
+def _event(user: str, item: str, kind: str, value: float | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
+                               "kind": kind}  # fmt: skip
+    if value is not None:
+        body["value"] = value
+    return body
+
+
+def test_shapes(server: Server) -> None:
+    assert server.client.get("/healthz").json() == {"status": "ok", "model_version": None,
+                                                     "events_applied": 0}  # fmt: skip
+    body = server.client.get("/v1/recommendations/3", params={"k": 7}).json()
+    assert set(body) == {"user_id", "model_version", "items", "took_ms", "fallback"}
+    assert body["user_id"] == "3" and body["fallback"] is False and len(body["items"]) == 7
+    assert all(set(i) == {"item_id", "score"} for i in body["items"])
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    unknown = server.client.get("/v1/recommendations/never-seen-user").json()
+    assert unknown["fallback"] is True and len(unknown["items"]) == 20
+    sim = server.client.get("/v1/items/10/similar", params={"k": 5}).json()
+    assert len(sim["items"]) == 5 and "10" not in [i["item_id"] for i in sim["items"]]
+    hist = server.client.get("/v1/users/3/history", params={"limit": 2}).json()
+    assert hist["user_id"] == "3" and len(hist["events"]) == 2
+    assert set(hist["events"][0]) == {"event_id", "item_id", "kind", "value", "ts"}
+    metrics = server.client.get("/metrics").text
+    assert "signedrec_request_seconds_bucket" in metrics and "signedrec_index_items" in metrics
+
+
+def test_trained_items_are_excluded(server: Server) -> None:
+    history = server.client.get("/v1/users/3/history", params={"limit": 1000}).json()["events"]
+    seen = {e["item_id"] for e in history}
+    assert seen and not seen & set(_recs(server, "3", 100))
+
+
+def test_like_changes_next_response(server: Server) -> None:
+    user = f"rw-{uuid.uuid4().hex}"
+    before = server.client.get(f"/v1/recommendations/{user}").json()
+    assert before["fallback"] is True
+    assert _post(server, _event(user, "21", "like")).json() == {"accepted": 1, "duplicates": 0}
+    after = server.client.get(f"/v1/recommendations/{user}").json()
+    assert after["fallback"] is False
+    assert [i["item_id"] for i in after["items"]] != [i["item_id"] for i in before["items"]]
+    assert "21" not in [i["item_id"] for i in after["items"]]
+
+
+def test_similar_to_fresh_dislike_sinks(server: Server) -> None:
+    user = f"sink-{uuid.uuid4().hex}"
+    _post(server, [_event(user, item, "like") for item in ("21", "50", "29", "7")])
+    before = _recs(server, user, 100)
+    target = before[0]
+    similar = [i["item_id"] for i in server.client.get(
+        f"/v1/items/{target}/similar", params={"k": 5}).json()["items"]]  # fmt: skip
+    _post(server, _event(user, target, "dislike"))
+    after = _recs(server, user, 100)
+    assert target not in after
+    # Every look-alike still listed moves down (or out) relative to where it was.
+    moved = [(before.index(s), after.index(s) if s in after else 1000) for s in similar
+             if s in before]  # fmt: skip
+    assert moved and all(new >= old for old, new in moved)
+    assert sum(new - old for old, new in moved) > 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["1", "2", "7", "10", "21", "29", "50", "76", "542"]),
+                  st.sampled_from(["like", "dislike", "skip", "rating"]),
+                  st.integers(1, 5)),
+        min_size=1, max_size=12,
+    )
+)  # fmt: skip
+def test_disliked_never_returned(server: Server, steps: list[tuple[str, str, int]]) -> None:
+    user = f"prop-{uuid.uuid4().hex}"
+    latest: dict[str, bool] = {}
+    for item, kind, value in steps:
+        event = _event(user, item, kind, float(value) if kind == "rating" else None)
+        assert _post(server, event).status_code == 200
+        latest[item] = kind == "like" or (kind == "rating" and value >= 4)
+        disliked = {i for i, positive in latest.items() if not positive}
+        assert not disliked & set(_recs(server, user, 50))
+        liked_allowed = server.client.get(f"/v1/recommendations/{user}",
+                                          params={"k": 50, "include_liked": "true"}).json()  # fmt: skip
+        assert not disliked & {i["item_id"] for i in liked_allowed["items"]}
+
+
+def test_duplicate_event_applied_once(server: Server) -> None:
+    user = f"dup-{uuid.uuid4().hex}"
+    event = _event(user, "21", "like")
+    assert _post(server, event).json() == {"accepted": 1, "duplicates": 0}
+    first = _recs(server, user)
+    assert _post(server, [event, event]).json() == {"accepted": 0, "duplicates": 2}
+    assert _recs(server, user) == first
+    events = server.client.get(f"/v1/users/{user}/history").json()["events"]
+    assert [e["event_id"] for e in events] == [event["event_id"]]
+
+
+def test_later_event_replaces_earlier(server: Server) -> None:
+    user = f"flip-{uuid.uuid4().hex}"
+    _post(server, [_event(user, "21", "like"), _event(user, "50", "like")])
+    liked = server.client.get(f"/v1/recommendations/{user}",
+                              params={"include_liked": "true", "k": 200}).json()  # fmt: skip
+    assert "21" in {i["item_id"] for i in liked["items"]}
+    _post(server, _event(user, "21", "dislike"))
+    now = server.client.get(f"/v1/recommendations/{user}",
+                            params={"include_liked": "true", "k": 200}).json()  # fmt: skip
+    assert "21" not in {i["item_id"] for i in now["items"]}
+    history = server.client.get(f"/v1/users/{user}/history").json()["events"]
+    assert [e["kind"] for e in history] == ["dislike", "like", "like"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"event_id": "x",', 400, "malformed_json"),
+        (b'{"event_id": "x", "user_id": "u", "item_id": "1", "kind": "hate"}', 422, "invalid_body"),
+        (b'{"event_id": "x", "user_id": "u", "item_id": "1"}', 422, "invalid_body"),
+        (b'{"event_id": "x", "user_id": "u", "item_id": "1", "kind": "like", "extra": 1}', 422,
+         "invalid_body"),
+        (b'{"event_id": "x", "user_id": "u", "item_id": "1", "kind": "rating"}', 422,
+         "invalid_event"),
+        (b'{"event_id": "x", "user_id": "u", "item_id": "nope", "kind": "like"}', 404,
+         "unknown_item"),
+        (b"[]", 422, "invalid_body"),
+        (b"[" + b'{"event_id":"y","user_id":"u","item_id":"1","kind":"like"},' * 30000 + b"1]",
+         413, "body_too_large"),
+    ],
+)  # fmt: skip
+def test_feedback_errors(server: Server, body: bytes, status: int, code: str) -> None:
+    r = server.client.post("/v1/feedback", content=body,
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and isinstance(error["detail"], dict)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v1/recommendations/3?k=0", 422, "invalid_request"),
+        ("/v1/recommendations/3?k=100000", 422, "invalid_request"),
+        ("/v1/recommendations/3?k=abc", 422, "invalid_request"),
+        ("/v1/items/nope/similar", 404, "unknown_item"),
+        ("/v1/users/nobody-at-all/history", 404, "unknown_user"),
+        ("/v1/users/3/history?limit=0", 422, "invalid_request"),
+        ("/v1/nothing-here", 404, "not_found"),
+    ],
+)
+def test_read_errors(server: Server, path: str, status: int, code: str) -> None:
+    r = server.client.get(path)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_no_bad_event_is_logged(server: Server) -> None:
+    user = f"atomic-{uuid.uuid4().hex}"
+    r = _post(server, [_event(user, "21", "like"), _event(user, "nope", "like")])
+    assert r.status_code == 404
+    assert server.client.get(f"/v1/users/{user}/history").status_code == 404
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_restart_keeps_state(tmp_path: Path, sig: int) -> None:
+    srv = Server(tmp_path / "state")
+    users = [f"restart-{i}" for i in range(3)] + ["3"]
+    for n, user in enumerate(users):
+        _post(srv, [_event(user, item, kind) for item, kind in
+                    (("21", "like"), ("50", "dislike"), (str(7 + n), "like"))])  # fmt: skip
+    before = {u: (_recs(srv, u), srv.client.get(f"/v1/users/{u}/history").json()) for u in users}
+    srv.stop(sig)
+    again = Server(tmp_path / "state")
+    try:
+        for user, (recs, history) in before.items():
+            assert _recs(again, user) == recs
+            assert again.client.get(f"/v1/users/{user}/history").json() == history
+    finally:
+        again.stop()
+
+
+def test_torn_tail_is_dropped(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "state")
+    _post(srv, _event("torn-user", "21", "like"))
+    kept = srv.client.get("/v1/users/torn-user/history").json()
+    srv.stop(signal.SIGKILL)
+    segment = sorted((tmp_path / "state" / "events").glob("events-*.log"))[-1]
+    with segment.open("ab") as handle:
+        handle.write(b"SRv1\x40\x00\x00\x00garbage-from-a-torn-write")
+    again = Server(tmp_path / "state")
+    try:
+        assert again.client.get("/v1/users/torn-user/history").json() == kept
+        assert _post(again, _event("torn-user", "50", "like")).status_code == 200
+        assert len(again.client.get("/v1/users/torn-user/history").json()["events"]) == 2
+    finally:
+        again.stop()
+    assert "torn" in again.log_path.read_text() or "truncat" in again.log_path.read_text()
