@@ -267,7 +267,9 @@ def readyz(request: Request) -> Response:
         failed = service.loading is not None and service.loading.done()
         return _error_response(503, "not_ready", "failed to load" if failed else "loading", {})
     s = service.state
-    body = Status(status="ready", model_version=s.item_side.version, events_applied=s.events_applied)
+    body = Status(
+        status="ready", model_version=s.item_side.version, events_applied=s.events_applied
+    )
     return Response(msgspec.json.encode(body), media_type=MediaType.JSON)
 
 
@@ -277,7 +279,9 @@ def metrics(request: Request) -> Response:
     service = _service(request)
     if service.state is not None:
         service.metrics.users.set(service.state.user_count())
-    return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
+    return Response(
+        generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4"
+    )
 
 
 @get("/v1/recommendations/{user_id:str}")
@@ -287,7 +291,7 @@ async def recommendations(
     k: Annotated[int, Parameter(ge=1, le=10_000)] = 20,
     include_liked: bool = False,
 ) -> RecommendationsOut:
-    """Top-K for a user, excluding what they gave feedback on and suppressing dislike look-alikes."""
+    """Top-K for a user: no items they gave feedback on, dislike look-alikes pushed down."""
     started = time.perf_counter()
     service = _service(request)
     state = service.live()

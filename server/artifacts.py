@@ -1,4 +1,4 @@
-"""Versioned model artifacts: ``<root>/<version>/`` with ``.npy`` arrays and a checksummed manifest."""
+"""Versioned model artifacts: ``<root>/<version>/`` with ``.npy`` arrays, checksummed manifest."""
 
 from __future__ import annotations
 
@@ -126,8 +126,9 @@ def list_versions(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        and (p / MANIFEST).is_file()
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
     )
 
 

@@ -11,7 +11,7 @@ Result = TypeVar("Result")
 Key = tuple[str, int, bool]
 
 
-class MicroBatcher(Generic[Result]):  # noqa: UP046 (Python 3.11)
+class MicroBatcher(Generic[Result]):
     """Collects (user, k, include_liked) requests and runs them as one batch per tick."""
 
     def __init__(

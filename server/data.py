@@ -1,4 +1,4 @@
-"""Reading signed ``user item rating`` files into contiguous arrays, with file/line/problem errors."""
+"""Reading signed ``user item rating`` files into contiguous arrays; errors name file and line."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def _parse_lines(lines: Sequence[str], path: str) -> Interactions:
         if not fields:
             continue
         if len(fields) != 3:
-            raise DataError(path, number, f"expected 3 fields 'user item rating', got {len(fields)}")
+            raise DataError(
+                path, number, f"expected 3 fields 'user item rating', got {len(fields)}"
+            )
         users.append(_parse_id(fields[0], path, number, "user"))
         items.append(_parse_id(fields[1], path, number, "item"))
         ratings.append(_parse_rating(fields[2], path, number))

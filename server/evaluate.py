@@ -1,4 +1,4 @@
-"""The evaluation protocol of the shared datasets, vectorised; the one implementation everything uses.
+"""The shared datasets' evaluation protocol, vectorised; the one implementation everyone uses.
 
 Users evaluated: those with a positive in the evaluated split. Candidates: all items, minus every
 item the user has in the masked interactions (train, or train + valid online). Ground truth: the

@@ -44,7 +44,9 @@ class ItemIndex:
                 raise RuntimeError(f"index.device=gpu but {reason}")
             else:
                 log.info("faiss index %s on CPU: %s", name, reason)
-        log.info("faiss %s index %s: %d x %d on %s", self.kind, name, self.size, self.dim, self.device)
+        log.info(
+            "faiss %s index %s: %d x %d on %s", self.kind, name, self.size, self.dim, self.device
+        )
         self._index = index
 
     @staticmethod

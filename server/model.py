@@ -25,7 +25,6 @@ from torch_geometric.utils import scatter, spmm
 
 from server.graph import SignedGraph
 
-
 _BLOCK = 512  # item columns per block of the two-hop propagation
 _SCALE_USERS = 1024  # users sampled to match the scale of the two operator parts
 _SPECTRAL_KEEP = 256  # eigenvectors kept for the ideal low-pass filter
@@ -35,8 +34,10 @@ _POWER_ITERS = 4
 
 def _column_block(adj: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Dense columns [start, stop) of a sparse CSR matrix."""
-    return adj.to_dense()[:, start:stop] if adj.shape[0] * adj.shape[1] < 1 << 22 else (
-        torch.index_select(adj.to_sparse_coo(), 1, torch.arange(start, stop)).to_dense()
+    return (
+        adj.to_dense()[:, start:stop]
+        if adj.shape[0] * adj.shape[1] < 1 << 22
+        else (torch.index_select(adj.to_sparse_coo(), 1, torch.arange(start, stop)).to_dense())
     )
 
 
@@ -106,7 +107,9 @@ class SignedGraphModel:
             del system
             b = inverse @ gram
             # Zero diagonal via the EASE Lagrangian, in place to keep one n x n temporary.
-            b.addcmul_(inverse, (torch.diagonal(b) / torch.diagonal(inverse)).unsqueeze(0), value=-1)
+            b.addcmul_(
+                inverse, (torch.diagonal(b) / torch.diagonal(inverse)).unsqueeze(0), value=-1
+            )
             del inverse
             self._ease_cache = {key: b}  # one cached solve bounds memory at O(n^2)
         return self._ease_cache[key]
@@ -191,7 +194,9 @@ def factorise(operator: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray
         # Randomised SVD: a few power iterations give the leading subspace at a fraction of cost.
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        u, sigma, v_mat = torch.svd_lowrank(s, q=min(dim + _OVERSAMPLE, s.shape[0]), niter=_POWER_ITERS)
+        u, sigma, v_mat = torch.svd_lowrank(
+            s, q=min(dim + _OVERSAMPLE, s.shape[0]), niter=_POWER_ITERS
+        )
         torch.random.set_rng_state(generator_state)
     root = sigma[:dim].sqrt()
     q = (u[:, :dim] * root[None, :]).numpy()

@@ -38,9 +38,7 @@ class UserFeedback:
     strength: dict[int, float] = field(default_factory=dict)
     # Insertion-ordered: the most recent dislike is last.
     recent_negative: dict[int, None] = field(default_factory=dict)
-    history: deque[tuple[int, str, int, str, float | None, float]] = field(
-        default_factory=deque
-    )
+    history: deque[tuple[int, str, int, str, float | None, float]] = field(default_factory=deque)
     seen_cache: np.ndarray | None = None
     negative_cache: np.ndarray | None = None
 

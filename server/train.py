@@ -115,7 +115,6 @@ def train(
     started = time.perf_counter()
     threads = set_threads()
     torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
     dataset = load_dataset(Path(data_dir), threshold)
     print(
         f"data {dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
