@@ -1,0 +1,289 @@
+"""Capacity runner: start the server, drive Locust headless through stepped offered loads, and the
+same steps against /healthz as the framework's ceiling; write benchmarks/reports/capacity.*.
+
+    python -m loadtest.run [--artifact DIR] [--duration 60] [--rates 250,500,1000,2000,4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+REPORTS = REPO / "benchmarks" / "reports"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+P99_BAR_MS = 500.0
+ACHIEVED_SHARE = 0.99  # a step holds when it achieves at least this share of what was offered
+
+
+@dataclass
+class Step:
+    """One offered load held for a while, and what came of it."""
+
+    target: str
+    offered_rps: float
+    users: int
+    achieved_rps: float
+    requests: int
+    failures: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    server_cpu_percent: float
+    server_rss_mb: float
+
+    @property
+    def holds(self) -> bool:
+        """p99 under the bar, no failures, and the offered load actually achieved."""
+        return (
+            self.failures == 0
+            and self.p99_ms < P99_BAR_MS
+            and self.achieved_rps >= ACHIEVED_SHARE * self.offered_rps
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    artifact: Path, state_dir: Path, port: int, env: dict[str, str]
+) -> subprocess.Popen:
+    """Start `signedrec serve` and wait until /readyz answers 200."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = (state_dir.parent / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
+         "--port", str(port), "--state-dir", str(state_dir)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited during start; see server.log")
+            try:
+                if client.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+class Sampler(threading.Thread):
+    """Samples a process's CPU% and RSS while a step runs."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.cpu: list[float] = []
+        self.rss: list[float] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        self.proc.cpu_percent(None)
+        while not self.stop_flag.wait(1.0):
+            self.cpu.append(self.proc.cpu_percent(None))
+            self.rss.append(self.proc.memory_info().rss / 2**20)
+
+    def result(self) -> tuple[float, float]:
+        self.stop_flag.set()
+        self.join()
+        cpu = sum(self.cpu) / len(self.cpu) if self.cpu else math.nan
+        return cpu, max(self.rss, default=math.nan)
+
+
+def run_step(
+    target: str, rate: float, per_user: float, duration: int, port: int, artifact: Path,
+    processes: int, workdir: Path, server_pid: int,
+) -> Step:  # fmt: skip
+    """Hold one offered load with Locust headless and read its aggregated stats."""
+    users = max(1, math.ceil(rate / per_user))
+    prefix = workdir / f"{target}-{int(rate)}"
+    env = {
+        **os.environ,
+        "SIGNEDREC_LT_ARTIFACT": str(artifact),
+        "SIGNEDREC_LT_RATE": str(rate / users),
+        "SIGNEDREC_LT_TARGET": target,
+    }
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "-u", str(users), "-r", str(users), "--run-time", f"{duration}s",
+        "--host", f"http://127.0.0.1:{port}", "--csv", str(prefix), "--reset-stats",
+        "--loglevel", "WARNING", "--stop-timeout", "5",
+    ]  # fmt: skip
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
+    sampler = Sampler(server_pid)
+    sampler.start()
+    subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True)
+    cpu, rss = sampler.result()
+    with open(f"{prefix}_stats.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    return Step(
+        target=target, offered_rps=rate, users=users,
+        achieved_rps=float(row["Requests/s"]), requests=int(row["Request Count"]),
+        failures=int(row["Failure Count"]), p50_ms=float(row["50%"]), p95_ms=float(row["95%"]),
+        p99_ms=float(row["99%"]), max_ms=float(row["Max Response Time"]),
+        server_cpu_percent=round(cpu, 1), server_rss_mb=round(rss, 1),
+    )  # fmt: skip
+
+
+def _plot(steps: list[Step], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for target, style in (("mixed", "o-"), ("healthz", "s--")):
+        rows = [s for s in steps if s.target == target]
+        if rows:
+            label = "signedrec 90/10 mix" if target == "mixed" else "/healthz (ceiling)"
+            ax.plot([s.achieved_rps for s in rows], [s.p99_ms for s in rows], style, label=label)
+    ax.axhline(P99_BAR_MS, color="red", lw=0.8, label="p99 bar 500 ms")
+    ax.set_xlabel("achieved requests/s")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Latency against throughput (Locust, same machine)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(steps: list[Step], args: argparse.Namespace, device: str) -> None:
+    """Write capacity.md, capacity.json and capacity.png."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    best = {
+        t: max((s.offered_rps for s in steps if s.target == t and s.holds), default=0.0)
+        for t in ("mixed", "healthz")
+    }
+    ratio = best["mixed"] / best["healthz"] if best["healthz"] else math.nan
+    at_1000 = next((s for s in steps if s.target == "mixed" and s.offered_rps == 1000), None)
+    bar_1000 = bool(
+        at_1000
+        and at_1000.achieved_rps >= 990
+        and at_1000.p99_ms < P99_BAR_MS
+        and at_1000.failures == 0
+        and args.duration >= 60
+    )
+    payload = {
+        "command": " ".join(["python -m loadtest.run", *sys.argv[1:]]),
+        "device": device,
+        "duration_s": args.duration,
+        "steps": [asdict(s) | {"holds": s.holds} for s in steps],
+        "highest_holding_rps": best,
+        "ratio_to_healthz": ratio,
+        "bar_1000rps_60s": bar_1000,
+    }
+    (REPORTS / "capacity.json").write_text(json.dumps(payload, indent=2))
+    lines = [
+        "# Capacity (Locust)",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Machine: {device}. Locust runs on the same machine as the server.  ",
+        f"Each step held {args.duration} s; a step *holds* when p99 < {P99_BAR_MS:.0f} ms, "
+        f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered.",
+        "",
+        "| target | offered/s | users | achieved/s | requests | failures | p50 ms | p95 ms | "
+        "p99 ms | max ms | server CPU % | server RSS MB | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in steps:
+        lines.append(
+            f"| {s.target} | {s.offered_rps:.0f} | {s.users} | {s.achieved_rps:.1f} | "
+            f"{s.requests} | {s.failures} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | {s.p99_ms:.0f} | "
+            f"{s.max_ms:.0f} | {s.server_cpu_percent:.0f} | {s.server_rss_mb:.0f} | "
+            f"{'yes' if s.holds else 'no'} |"
+        )
+    lines += [
+        "",
+        "## Bars",
+        f"- 1000 req/s offered for 60 s: achieved >= 990/s, p99 < 500 ms, 0 failures: "
+        f"**{'PASS' if bar_1000 else 'FAIL'}**"
+        + (
+            f" (achieved {at_1000.achieved_rps:.1f}/s, p99 {at_1000.p99_ms:.0f} ms, "
+            f"{at_1000.failures} failures)"
+            if at_1000
+            else " (step not run)"
+        ),
+        f"- Highest holding step: {best['mixed']:.0f} req/s; /healthz ceiling in the same run: "
+        f"{best['healthz']:.0f} req/s; ratio {ratio:.2f} (aim >= 0.7).",
+        "",
+        "![latency against throughput](capacity.png)",
+    ]
+    (REPORTS / "capacity.md").write_text("\n".join(lines) + "\n")
+    _plot(steps, REPORTS / "capacity.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stepped load for the mixed traffic and for /healthz, then write the report."""
+    from server.cli import DEFAULT_ARTIFACTS
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
+    parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACTS)
+    parser.add_argument("--duration", type=int, default=60, help="seconds per step")
+    parser.add_argument("--rates", default="250,500,1000,2000,4000")
+    parser.add_argument("--per-user-rps", type=float, default=5.0)
+    parser.add_argument("--processes", type=int, default=1, help="Locust worker processes")
+    parser.add_argument("--targets", default="mixed,healthz")
+    parser.add_argument("--keep-going", action="store_true", help="run steps past a failing one")
+    args = parser.parse_args(argv)
+    from server.artifacts import resolve
+
+    artifact = resolve(args.artifact)
+    rates = [float(r) for r in args.rates.split(",")]
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU faiss"
+    steps: list[Step] = []
+    with tempfile.TemporaryDirectory(prefix="signedrec-capacity-") as tmp:
+        work = Path(tmp)
+        for target in args.targets.split(","):
+            port = _free_port()
+            env = {**os.environ, "SIGNEDREC_SERVER__LOG_LEVEL": "warning"}
+            server = start_server(artifact, work / f"state-{target}" / "s", port, env)
+            try:
+                for rate in rates:
+                    print(f"[capacity] {target}: offering {rate:.0f} req/s for {args.duration}s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    step = run_step(target, rate, args.per_user_rps, args.duration, port,
+                                    artifact, args.processes, work, server.pid)  # fmt: skip
+                    steps.append(step)
+                    print(
+                        f"[capacity] {target} {rate:.0f}/s -> achieved {step.achieved_rps:.0f}/s "
+                        f"p99 {step.p99_ms:.0f} ms failures {step.failures} "
+                        f"server CPU {step.server_cpu_percent:.0f}%",
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
+                    if not args.keep_going and not step.holds:
+                        break
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    report(steps, args, device)
+    print(f"wrote {REPORTS / 'capacity.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
