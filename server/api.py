@@ -19,20 +19,26 @@ from litestar.params import Parameter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 import kernels
-from server.artifacts import list_versions
+from server.access import Guard, InFlight, RateLimiter
+from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
 from server.batcher import MicroBatcher
 from server.config import Base, Config, load_config
 from server.errors import (
+    ArtifactError,
+    ForbiddenError,
     InvalidEventError,
     InvalidRequestError,
     LogUnavailableError,
     NotReadyError,
+    OverloadedError,
+    RateLimitedError,
     SignedrecError,
+    UnauthenticatedError,
     UnknownItemError,
     UnknownUserError,
 )
 from server.events import NewEvent
-from server.state import LiveState, Recommendation
+from server.state import ItemSide, LiveState, Recommendation
 
 log = logging.getLogger("signedrec.api")
 
@@ -123,7 +129,31 @@ class Status(Base):
     events_applied: int = 0
 
 
+class ModelVersion(Base):
+    """One artifact version with its offline metrics."""
+
+    version: str
+    active: bool
+    created_at: str | None
+    metrics: dict[str, float]
+
+
+class ModelOut(Base):
+    """The active model and the versions available beside it."""
+
+    active: str
+    previous: str | None
+    versions: list[ModelVersion]
+
+
+class ReloadIn(Base):
+    """Which version to load; the newest when omitted."""
+
+    version: Id | None = None
+
+
 FEEDBACK_DECODER = msgspec.json.Decoder(FeedbackIn | list[FeedbackIn])
+RELOAD_DECODER = msgspec.json.Decoder(ReloadIn)
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -145,7 +175,19 @@ class BodyTooLargeError(SignedrecError):
     code = "body_too_large"
 
 
+class NoPreviousVersionError(SignedrecError):
+    """Rollback asked for with nothing to roll back to."""
+
+    code = "no_previous_version"
+
+
 STATUS: dict[type[SignedrecError], int] = {
+    UnauthenticatedError: 401,
+    ForbiddenError: 403,
+    RateLimitedError: 429,
+    OverloadedError: 503,
+    ArtifactError: 409,
+    NoPreviousVersionError: 409,
     MalformedJsonError: 400,
     SchemaError: 422,
     InvalidRequestError: 422,
@@ -160,7 +202,11 @@ STATUS: dict[type[SignedrecError], int] = {
 
 def _error_response(status: int, code: str, message: str, detail: dict[str, Any]) -> Response:
     body = msgspec.json.encode(ErrorOut(ErrorBody(code=code, message=message, detail=detail)))
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = None
+    if status in (429, 503):
+        headers = {"Retry-After": str(detail.get("retry_after_s", 1))}
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
@@ -207,6 +253,9 @@ class Metrics:
         self.index_size = Gauge("signedrec_index_items", "Items in the FAISS index", registry=r)
         self.users = Gauge("signedrec_users", "Users known", registry=r)
         self.model = Gauge("signedrec_model_info", "Loaded model", ["version"], registry=r)
+        self.shed = Counter(
+            "signedrec_shed_total", "Requests shed over the in-flight bound", ["route"], registry=r
+        )
 
 
 # -- app -------------------------------------------------------------------------------------
@@ -218,6 +267,12 @@ class Service:
         self.state_dir = state_dir
         self.config = config
         self.metrics = Metrics()
+        self.guard = Guard(config.access)
+        self.limiter = RateLimiter(config.limits)
+        self.inflight = InFlight(config.limits)
+        self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
+        self.previous: list[str] = []
+        self.swapping = asyncio.Lock()
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
@@ -241,6 +296,55 @@ class Service:
         self.metrics.events.inc(state.events_applied)
         self.state = state
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    async def switch(self, version: str | None, rollback: bool = False) -> None:
+        """Load a version off the event loop, then swap it in; the old one serves until then."""
+        state = self.live()
+        async with self.swapping:
+            current = state.item_side.version
+            if rollback:
+                if not self.previous:
+                    raise NoPreviousVersionError("no previous model version to roll back to")
+                version = self.previous[-1]
+            path = resolve(self.root) if version is None else self.root / version
+            if not (path / MANIFEST).is_file():
+                raise ArtifactError(f"no artifact version {version!r} under {self.root}")
+            if path.name == current:
+                return
+            side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
+            state.swap(side)
+            if rollback:
+                self.previous.pop()
+            else:
+                self.previous.append(current)
+            self.metrics.model.clear()
+            self.metrics.model.labels(side.version).set(1)
+
+    def describe(self) -> ModelOut:
+        """The active version, the one rollback would restore, and every version on disk."""
+        state = self.live()
+        versions = []
+        for version in list_versions(self.root):
+            try:
+                manifest = read_manifest(self.root / version)
+            except ArtifactError:
+                continue
+            metrics = manifest.get("metrics", {}).get("test") or manifest.get("metrics", {}).get(
+                "valid", {}
+            )
+            versions.append(
+                ModelVersion(
+                    version=version,
+                    active=version == state.item_side.version,
+                    created_at=manifest.get("created_at"),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            )
+        return ModelOut(
+            active=state.item_side.version,
+            previous=self.previous[-1] if self.previous else None,
+            versions=versions,
+        )
 
     def live(self) -> LiveState:
         """The state, or NotReadyError while loading."""
@@ -295,11 +399,22 @@ async def recommendations(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
+    identity = service.guard.check("read", request.headers)
+    service.limiter.take(identity)
     if k > state.config.ranking.max_k:
         raise InvalidRequestError(
             f"k must be between 1 and {state.config.ranking.max_k}", {"field": "k", "value": k}
         )
-    result = await service.batcher.submit(user_id, k, include_liked)  # type: ignore[union-attr]
+    if service.inflight.over():
+        # Degrade rather than queue: the popularity list costs nothing to serve.
+        service.metrics.shed.labels("recommendations").inc()
+        result = state.popular(k)
+    else:
+        service.inflight.current += 1
+        try:
+            result = await service.batcher.submit(user_id, k, include_liked)  # type: ignore[union-attr]
+        finally:
+            service.inflight.current -= 1
     took = (time.perf_counter() - started) * 1000.0
     service.metrics.latency.labels("recommendations").observe(took / 1000.0)
     return RecommendationsOut(
@@ -317,10 +432,26 @@ async def feedback(request: Request) -> FeedbackOut:
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
+    identity = service.guard.check("write", request.headers)
+    service.limiter.take(identity)
+    if service.inflight.over():
+        service.metrics.shed.labels("feedback").inc()
+        service.inflight.refuse_write()
+    service.inflight.current += 1
+    try:
+        return await _feedback(service, state, request, started)
+    finally:
+        service.inflight.current -= 1
+
+
+async def _feedback(
+    service: Service, state: LiveState, request: Request, started: float
+) -> FeedbackOut:
     body = await request.body()
     limits = state.config.server
     if len(body) > limits.max_body_bytes:
         raise BodyTooLargeError(f"body exceeds {limits.max_body_bytes} bytes")
+    service.guard.verify_signature(request.headers, body)
     try:
         decoded = FEEDBACK_DECODER.decode(body)
     except msgspec.ValidationError as exc:
@@ -386,6 +517,39 @@ async def similar(
     )
 
 
+@get("/v1/model")
+async def model(request: Request) -> ModelOut:
+    """The active model version, the rollback target, and every version with its metrics."""
+    service = _service(request)
+    service.guard.check("read", request.headers)
+    return service.describe()
+
+
+@post("/v1/admin/model/reload", status_code=200)
+async def reload_model(request: Request) -> ModelOut:
+    """Swap in the newest (or a named) version while requests keep flowing."""
+    service = _service(request)
+    service.guard.check("admin", request.headers)
+    body = await request.body()
+    try:
+        wanted = RELOAD_DECODER.decode(body) if body.strip() else ReloadIn()
+    except msgspec.ValidationError as exc:
+        raise SchemaError(str(exc), {"problem": str(exc)}) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJsonError(f"body is not valid JSON: {exc}") from None
+    await service.switch(wanted.version)
+    return service.describe()
+
+
+@post("/v1/admin/model/rollback", status_code=200)
+async def rollback_model(request: Request) -> ModelOut:
+    """Go back to the version that was active before the last reload."""
+    service = _service(request)
+    service.guard.check("admin", request.headers)
+    await service.switch(None, rollback=True)
+    return service.describe()
+
+
 def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
     """Build the app; loading starts at startup in the background, /readyz says when done."""
     service = Service(artifact, state_dir, config)
@@ -400,7 +564,18 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
             await service.state.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, metrics, recommendations, feedback, history, similar],
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics,
+            recommendations,
+            feedback,
+            history,
+            similar,
+            model,
+            reload_model,
+            rollback_model,
+        ],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         state=State({"service": service}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -106,6 +107,27 @@ class ServerConfig(Base):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AccessConfig(Base):
+    """API keys, roles and webhook signatures. With no keys configured, access is open."""
+
+    # key -> role; "admin" may do everything, "writer" may post feedback, "reader" may read.
+    keys: dict[str, Literal["admin", "writer", "reader"]] = msgspec.field(default_factory=dict)
+    read_requires_key: bool = False
+    # When set, feedback bodies must be signed: HMAC-SHA256 over "<timestamp>.<body>".
+    hmac_secret: str = ""
+    hmac_window_s: float = 300.0
+
+
+class LimitsConfig(Base):
+    """Back-pressure: per-key rate limit and a bound on requests in flight."""
+
+    # Token bucket per API key (or per client address without one); 0 disables it.
+    rate_per_s: float = 0.0
+    burst: float = 100.0
+    max_inflight: int = 1024
+    retry_after_s: int = 1
+
+
 class Config(Base):
     """The whole configuration."""
 
@@ -116,6 +138,8 @@ class Config(Base):
     kernels: KernelConfig = KernelConfig()
     log: EventLogConfig = EventLogConfig()
     server: ServerConfig = ServerConfig()
+    access: AccessConfig = AccessConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 ENV_PREFIX = "SIGNEDREC_"
@@ -128,7 +152,14 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
-        out.setdefault(section, {})[field] = value
+        # Tables and lists (e.g. access keys) come as JSON text.
+        parsed: Any = value
+        if value[:1] in "{[":
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: not valid JSON: {exc}") from None
+        out.setdefault(section, {})[field] = parsed
     return out
 
 

@@ -78,3 +78,27 @@ class NotReadyError(SignedrecError):
     """The service is still loading its artifact or replaying its log."""
 
     code = "not_ready"
+
+
+class UnauthenticatedError(SignedrecError):
+    """No valid credential (API key or webhook signature) was presented."""
+
+    code = "unauthenticated"
+
+
+class ForbiddenError(SignedrecError):
+    """The credential is valid but its role may not do this."""
+
+    code = "forbidden"
+
+
+class RateLimitedError(SignedrecError):
+    """Too many requests for this key; retry after ``detail['retry_after_s']`` seconds."""
+
+    code = "rate_limited"
+
+
+class OverloadedError(SignedrecError):
+    """Too many requests in flight; writes are shed quickly instead of queueing."""
+
+    code = "overloaded"

@@ -21,7 +21,7 @@ import kernels
 from server.artifacts import Artifact, load_artifact
 from server.config import Config
 from server.data import IdMap
-from server.errors import InvalidEventError, InvalidRequestError, UnknownItemError
+from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
 from server.events import EventLog, EventRecord, NewEvent, OpenReport
 from server.index import ItemIndex
 from server.ranking import Ragged, rank
@@ -97,7 +97,7 @@ class LiveState:
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
         self.n_trained_users = len(self._pos_indptr) - 1
         self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
-        self._fold_trained()
+        self._fold_trained(self.item_side, self.vectors)
         self.feedback: dict[int, UserFeedback] = {}
         self.event_ids: set[str] = set()
         self.events_applied = 0
@@ -106,8 +106,8 @@ class LiveState:
         self._weights = config.events
 
     # -- construction ------------------------------------------------------------------------
-    def _fold_trained(self) -> None:
-        """Rebuild every trained user's vector from the trained signed graph (one kernel call)."""
+    def _fold_trained(self, side: ItemSide, out: np.ndarray) -> None:
+        """Every trained user's vector from the trained signed graph (one kernel call)."""
         n = self.n_trained_users
         pos_deg = np.diff(self._pos_indptr)
         neg_deg = np.diff(self._neg_indptr)
@@ -122,8 +122,38 @@ class LiveState:
         neg_at = indptr[neg_owner] + pos_deg[neg_owner]
         neg_at += np.arange(len(self._neg_items)) - self._neg_indptr[neg_owner]
         rows[pos_at], weights[pos_at] = self._pos_items, 1.0
-        rows[neg_at], weights[neg_at] = self._neg_items, self.item_side.neg_weight
-        kernels.fold_csr(indptr, rows, weights, self.item_side.table, self.vectors[:n])
+        rows[neg_at], weights[neg_at] = self._neg_items, side.neg_weight
+        kernels.fold_csr(indptr, rows, weights, side.table, out[:n])
+
+    def swap(self, side: ItemSide) -> None:
+        """Serve a new item side: every user's vector is rebuilt from their current graph."""
+        old = self.item_side
+        if len(side.items) != len(old.items) or not np.array_equal(
+            side.artifact.arrays["item_ids"], old.artifact.arrays["item_ids"]
+        ):
+            raise ArtifactError(
+                f"model {side.version} has a different item catalogue than {old.version}; "
+                "it cannot take over the live users"
+            )
+        vectors = np.zeros((self.vectors.shape[0], side.dim), np.float32)
+        self._fold_trained(side, vectors)
+        users: list[int] = []
+        rows: list[int] = []
+        weights: list[float] = []
+        # Users with online feedback: their graph is the strength dict; replace their rows.
+        for user, feedback in self.feedback.items():
+            vectors[user] = 0.0
+            for item, strength in feedback.strength.items():
+                users.append(user)
+                rows.append(item)
+                weights.append(self.fold_weight(strength, side.neg_weight))
+        if users:
+            kernels.apply_events(
+                vectors, side.table, np.asarray(users, np.int32), np.asarray(rows, np.int32),
+                np.asarray(weights, np.float32),
+            )  # fmt: skip
+        self.item_side, self.vectors = side, vectors
+        log.info("model %s replaced %s for %d users", side.version, old.version, len(self.users))
 
     def open_log(self) -> OpenReport:
         """Open the event log and replay it (after the artifact's watermark) in batches."""
@@ -163,9 +193,10 @@ class LiveState:
             raise InvalidEventError("a rating event needs a value")
         return w.rating_positive if value >= self.item_side.threshold else w.rating_negative
 
-    def fold_weight(self, strength: float) -> float:
+    @staticmethod
+    def fold_weight(strength: float, neg_weight: float) -> float:
         """How much of an item's table row a signed strength adds to the user vector."""
-        return strength if strength > 0 else -strength * self.item_side.neg_weight
+        return strength if strength > 0 else -strength * neg_weight
 
     def validate(self, events: Sequence[NewEvent]) -> None:
         """Refuse the whole batch before logging if any event names an unknown item."""
@@ -250,7 +281,10 @@ class LiveState:
             feedback.history.append(
                 (record.seq, record.event_id, item, record.kind, record.value, record.ts)
             )
-            delta = self.fold_weight(new) - (0.0 if old is None else self.fold_weight(old))
+            neg_weight = self.item_side.neg_weight
+            delta = self.fold_weight(new, neg_weight) - (
+                0.0 if old is None else self.fold_weight(old, neg_weight)
+            )
             users[used], rows[used], deltas[used] = user, item, delta
             used += 1
         if used:
@@ -288,7 +322,7 @@ class LiveState:
         for position, external in enumerate(user_ids):
             user = self.users.get(external)
             if user is None or (user >= self.n_trained_users and user not in self.feedback):
-                out[position] = self._popular(k)
+                out[position] = self.popular(k)
             else:
                 known.append(user)
                 positions.append(position)
@@ -318,7 +352,7 @@ class LiveState:
                 )
         return [r for r in out if r is not None]
 
-    def _popular(self, k: int) -> Recommendation:
+    def popular(self, k: int) -> Recommendation:
         items = self.item_side.popular[:k]
         return Recommendation(
             self.item_side.items.external(items), self.item_side.popular_scores[:k].tolist(), True

@@ -1,0 +1,157 @@
+"""Access control and back-pressure: API-key roles, signed webhooks, token buckets, in-flight cap.
+
+Pure domain logic over plain values (headers as a mapping, a monotonic clock): it raises the
+domain errors of ``server.errors`` and knows nothing of the HTTP framework.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from server.config import AccessConfig, LimitsConfig
+from server.errors import (
+    ForbiddenError,
+    OverloadedError,
+    RateLimitedError,
+    UnauthenticatedError,
+)
+
+log = logging.getLogger("signedrec.access")
+
+Role = Literal["admin", "writer", "reader"]
+KEY_HEADER = "x-api-key"
+SIGNATURE_HEADER = "x-signedrec-signature"
+TIMESTAMP_HEADER = "x-signedrec-timestamp"
+# Which roles may perform which action.
+ALLOWED: dict[str, frozenset[str]] = {
+    "read": frozenset({"admin", "writer", "reader"}),
+    "write": frozenset({"admin", "writer"}),
+    "admin": frozenset({"admin"}),
+}
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    key = headers.get(KEY_HEADER)
+    if key:
+        return key
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+
+
+class Guard:
+    """Checks a request's key and role, and (for webhooks) its HMAC signature and age."""
+
+    def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.open = not config.keys
+        if self.open:
+            log.warning("no API keys configured: feedback and admin routes are open to anyone")
+
+    def check(self, action: Literal["read", "write", "admin"], headers: Mapping[str, str]) -> str:
+        """The caller's identity (its key, or "anonymous"); raises 401/403-class errors."""
+        if self.open or (action == "read" and not self.config.read_requires_key):
+            return _bearer(headers) or "anonymous"
+        key = _bearer(headers)
+        if key is None:
+            raise UnauthenticatedError(f"this route needs an API key in the {KEY_HEADER} header")
+        role = self._role(key)
+        if role is None:
+            raise UnauthenticatedError("the API key is not valid")
+        if role not in ALLOWED[action]:
+            raise ForbiddenError(f"a {role} key may not {action}", {"role": role})
+        return key
+
+    def _role(self, key: str) -> str | None:
+        # Constant-time comparison against every configured key.
+        found = None
+        for candidate, role in self.config.keys.items():
+            if hmac.compare_digest(candidate.encode(), key.encode()):
+                found = role
+        return found
+
+    def verify_signature(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Refuse an unsigned, wrongly signed, or too old (replayed) webhook body."""
+        secret = self.config.hmac_secret
+        if not secret:
+            return
+        signature = headers.get(SIGNATURE_HEADER)
+        stamp = headers.get(TIMESTAMP_HEADER)
+        if not signature or not stamp:
+            raise UnauthenticatedError(
+                f"signed webhooks need {SIGNATURE_HEADER} and {TIMESTAMP_HEADER} headers"
+            )
+        try:
+            sent = float(stamp)
+        except ValueError:
+            raise UnauthenticatedError(f"{TIMESTAMP_HEADER} is not a number") from None
+        age = abs(self.clock() - sent)
+        if not math.isfinite(age) or age > self.config.hmac_window_s:
+            raise UnauthenticatedError(
+                "the signature timestamp is outside the replay window",
+                {"window_s": self.config.hmac_window_s},
+            )
+        expected = sign(secret, stamp, body)
+        if not hmac.compare_digest(expected, signature.removeprefix("sha256=")):
+            raise UnauthenticatedError("the webhook signature does not match the body")
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 a sender puts in the signature header for ``timestamp`` and body."""
+    message = timestamp.encode() + b"." + body
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+class RateLimiter:
+    """A token bucket per identity; ``rate_per_s = 0`` disables it."""
+
+    def __init__(self, config: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = config.rate_per_s
+        self.burst = config.burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, identity: str, cost: float = 1.0) -> None:
+        """Spend tokens or raise RateLimitedError with how long to wait."""
+        if self.rate <= 0:
+            return
+        now = self.clock()
+        tokens, last = self._buckets.get(identity, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < cost:
+            wait = max(1, math.ceil((cost - tokens) / self.rate))
+            self._buckets[identity] = (tokens, now)
+            raise RateLimitedError(
+                f"rate limit of {self.rate:g} requests/s exceeded", {"retry_after_s": wait}
+            )
+        self._buckets[identity] = (tokens - cost, now)
+
+
+class InFlight:
+    """Counts requests in flight; beyond the bound, reads degrade and writes are shed."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self.limit = config.max_inflight
+        self.retry_after = config.retry_after_s
+        self.current = 0
+        self.shed = 0
+
+    def over(self) -> bool:
+        """True when a new request would exceed the bound (it is counted as shed)."""
+        if self.current >= self.limit:
+            self.shed += 1
+            return True
+        return False
+
+    def refuse_write(self) -> None:
+        """Raise OverloadedError for a write arriving while over the bound."""
+        if self.over():
+            raise OverloadedError(
+                "too many requests in flight; retry shortly", {"retry_after_s": self.retry_after}
+            )
