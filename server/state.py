@@ -180,19 +180,6 @@ class LiveState:
             await self.log.close()
 
     # -- feedback ----------------------------------------------------------------------------
-    def strength(self, kind: str, value: float | None) -> float:
-        """Signed strength of one feedback kind: > 0 positive, < 0 negative."""
-        w = self._weights
-        if kind == "like":
-            return w.like
-        if kind == "dislike":
-            return w.dislike
-        if kind == "skip":
-            return w.skip
-        if value is None:
-            raise InvalidEventError("a rating event needs a value")
-        return w.rating_positive if value >= self.item_side.threshold else w.rating_negative
-
     @staticmethod
     def fold_weight(strength: float, neg_weight: float) -> float:
         """How much of an item's table row a signed strength adds to the user vector."""
@@ -257,40 +244,56 @@ class LiveState:
         self._apply(records, replay=False)
 
     def _apply(self, records: Sequence[EventRecord], replay: bool) -> None:
-        n = len(records)
-        users = np.empty(n, dtype=np.int32)
-        rows = np.empty(n, dtype=np.int32)
-        deltas = np.empty(n, dtype=np.float32)
-        items = self.item_side.items
-        used = 0
+        # The per-record loop is the replay hot path: locals are bound once and the numeric
+        # columns gathered in lists, then handed to one kernel call.
+        items_get = self.item_side.items.get
+        neg_weight = self.item_side.neg_weight
+        fold = self.fold_weight
+        w = self._weights
+        fixed = {"like": w.like, "dislike": w.dislike, "skip": w.skip}
+        threshold = self.item_side.threshold
+        event_ids = self.event_ids
+        feedback_get = self.feedback.get
+        users: list[int] = []
+        rows: list[int] = []
+        deltas: list[float] = []
         for record in records:
-            item = items.get(record.item_id)
+            item = items_get(record.item_id)
             if item is None:  # a log written under another catalogue; skip, never mis-apply
                 continue
             if replay:
-                self.event_ids.add(record.event_id)
+                event_ids.add(record.event_id)
             user = self._user_index(record.user_id)
-            feedback = self._user_feedback(user)
-            new = self.strength(record.kind, record.value)
-            old = feedback.strength.get(item)
-            feedback.strength[item] = new
-            feedback.recent_negative.pop(item, None)
+            feedback = feedback_get(user) or self._user_feedback(user)
+            new = fixed.get(record.kind)
+            if new is None:
+                value = record.value
+                if value is None:
+                    raise InvalidEventError("a rating event needs a value")
+                new = w.rating_positive if value >= threshold else w.rating_negative
+            strength = feedback.strength
+            old = strength.get(item)
+            strength[item] = new
+            negatives = feedback.recent_negative
+            negatives.pop(item, None)
             if new < 0:
-                feedback.recent_negative[item] = None
-            feedback.seen_cache = feedback.negative_cache = None
+                negatives[item] = None
+            feedback.seen_cache = None
             feedback.history.append(
                 (record.seq, record.event_id, item, record.kind, record.value, record.ts)
             )
-            neg_weight = self.item_side.neg_weight
-            delta = self.fold_weight(new, neg_weight) - (
-                0.0 if old is None else self.fold_weight(old, neg_weight)
-            )
-            users[used], rows[used], deltas[used] = user, item, delta
-            used += 1
-        if used:
-            kernels.apply_events(self.vectors, self.item_side.table, users[:used], rows[:used],
-                                 deltas[:used])  # fmt: skip
-        self.events_applied += used
+            delta = fold(new, neg_weight)
+            if old is not None:
+                delta -= fold(old, neg_weight)
+            users.append(user)
+            rows.append(item)
+            deltas.append(delta)
+        if users:
+            kernels.apply_events(
+                self.vectors, self.item_side.table, np.asarray(users, np.int32),
+                np.asarray(rows, np.int32), np.asarray(deltas, np.float32),
+            )  # fmt: skip
+        self.events_applied += len(users)
 
     # -- reads -------------------------------------------------------------------------------
     def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray]:
