@@ -19,6 +19,7 @@ from litestar.params import Parameter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 import kernels
+from server import snapshot
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
 from server.batcher import MicroBatcher
@@ -273,6 +274,7 @@ class Service:
         self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
         self.previous: list[str] = []
         self.swapping = asyncio.Lock()
+        self.snapshotting: asyncio.Task[Path] | None = None
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
@@ -480,6 +482,15 @@ async def _feedback(
             raise
         state.apply(records)
         service.metrics.events.inc(len(records))
+        if state.since_snapshot >= state.config.log.snapshot_every_events and (
+            service.snapshotting is None or service.snapshotting.done()
+        ):
+            # Built here (consistent with the log), encoded and fsync'd off the event loop.
+            snap = state.take_snapshot()
+            state.since_snapshot = 0
+            service.snapshotting = asyncio.create_task(
+                asyncio.to_thread(snapshot.write, state.state_dir, snap)
+            )
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
@@ -560,6 +571,8 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
     async def on_shutdown(app: Litestar) -> None:
         if service.loading is not None and not service.loading.done():
             await asyncio.wait([service.loading])
+        if service.snapshotting is not None:
+            await asyncio.wait([service.snapshotting])
         if service.state is not None:
             await service.state.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import kernels
+from server import snapshot
 from server.artifacts import Artifact, load_artifact
 from server.config import Config
 from server.data import IdMap
@@ -101,6 +102,8 @@ class LiveState:
         self.feedback: dict[int, UserFeedback] = {}
         self.event_ids: set[str] = set()
         self.events_applied = 0
+        self.applied_seq = 0
+        self.since_snapshot = 0
         self.log: EventLog | None = None
         self.open_report: OpenReport | None = None
         self._weights = config.events
@@ -156,28 +159,90 @@ class LiveState:
         log.info("model %s replaced %s for %d users", side.version, old.version, len(self.users))
 
     def open_log(self) -> OpenReport:
-        """Open the event log and replay it (after the artifact's watermark) in batches."""
+        """Open the event log, restore the snapshot if it fits, replay what follows it."""
         self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
         self.open_report = report
-        watermark = int(self.item_side.artifact.manifest.get("watermark", 0))
+        after = int(self.item_side.artifact.manifest.get("watermark", 0))
         started = time.perf_counter()
-        for batch in self.log.replay(after_seq=watermark):
+        snap = snapshot.read(self.state_dir, self.item_side.version)
+        if snap is not None and snap.seq <= report.last_seq:
+            self.restore(snap)
+            after = max(after, snap.seq)
+        elif snap is not None:
+            log.warning("snapshot at seq %d is ahead of the log (%d): ignored", snap.seq,
+                        report.last_seq)  # fmt: skip
+        replayed = self.events_applied
+        for batch in self.log.replay(after_seq=after):
             self._apply(batch, replay=True)
+        replayed = self.events_applied - replayed
         log.info(
-            "replayed %d events in %.2fs (log: %d records, %d segments%s)",
-            self.events_applied,
+            "replayed %d events in %.2fs after seq %d (log: %d records, %d segments%s)",
+            replayed,
             time.perf_counter() - started,
+            after,
             report.records,
             report.segments,
             f", repaired tail: {report.problem}" if report.problem else "",
         )
+        if replayed >= self.config.log.snapshot_every_events:
+            self.write_snapshot()
         self.ready = True
         return report
 
+    def take_snapshot(self) -> snapshot.Snapshot:
+        """The state as of ``applied_seq`` (built on the event loop, so it is consistent)."""
+        n = len(self.users)
+        return snapshot.Snapshot(
+            artifact_version=self.item_side.version,
+            seq=self.applied_seq,
+            users=self.users.external(np.arange(n)),
+            dim=self.item_side.dim,
+            vectors=self.vectors[:n].tobytes(),
+            feedback=[
+                snapshot.UserSnapshot(
+                    user=user,
+                    items=list(f.strength),
+                    strengths=list(f.strength.values()),
+                    negatives=list(f.recent_negative),
+                    history=list(f.history),
+                )
+                for user, f in self.feedback.items()
+            ],
+            event_ids=list(self.event_ids),
+        )
+
+    def write_snapshot(self) -> None:
+        """Take and write a snapshot now."""
+        snapshot.write(self.state_dir, self.take_snapshot())
+        self.since_snapshot = 0
+        log.info("snapshot written at seq %d", self.applied_seq)
+
+    def restore(self, snap: snapshot.Snapshot) -> None:
+        """Load a snapshot taken under the same artifact version."""
+        for external in snap.users[len(self.users) :]:
+            self.users.add(external)
+        n = len(snap.users)
+        restored = np.frombuffer(snap.vectors, dtype=np.float32).reshape(n, snap.dim)
+        self.vectors = np.zeros((max(16, n * 2), snap.dim), np.float32)
+        self.vectors[:n] = restored
+        maxlen = self.config.server.history_max_limit
+        for u in snap.feedback:
+            self.feedback[u.user] = UserFeedback(
+                strength=dict(zip(u.items, u.strengths, strict=True)),
+                recent_negative=dict.fromkeys(u.negatives),
+                history=deque((tuple(row) for row in u.history), maxlen=maxlen),
+            )
+        self.event_ids = set(snap.event_ids)
+        self.applied_seq = snap.seq
+        log.info("restored snapshot at seq %d: %d users, %d with feedback", snap.seq, n,
+                 len(snap.feedback))  # fmt: skip
+
     async def close(self) -> None:
-        """Flush and close the event log."""
+        """Flush and close the event log, leaving a snapshot so the next start is quick."""
         if self.log is not None:
             await self.log.close()
+            if self.ready and self.since_snapshot:
+                self.write_snapshot()
 
     # -- feedback ----------------------------------------------------------------------------
     @staticmethod
@@ -288,12 +353,15 @@ class LiveState:
             users.append(user)
             rows.append(item)
             deltas.append(delta)
+        if records:
+            self.applied_seq = max(self.applied_seq, records[-1].seq)
         if users:
             kernels.apply_events(
                 self.vectors, self.item_side.table, np.asarray(users, np.int32),
                 np.asarray(rows, np.int32), np.asarray(deltas, np.float32),
             )  # fmt: skip
         self.events_applied += len(users)
+        self.since_snapshot += len(users)
 
     # -- reads -------------------------------------------------------------------------------
     def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray]:

@@ -97,25 +97,32 @@ def test_shapes(server: Server) -> None:
                                                      "events_applied": 0}  # fmt: skip
     body = server.client.get("/v1/recommendations/3", params={"k": 7}).json()
     assert set(body) == {"user_id", "model_version", "items", "took_ms", "fallback"}
-    assert body["user_id"] == "3" and body["fallback"] is False and len(body["items"]) == 7
+    assert body["user_id"] == "3"
+    assert body["fallback"] is False
+    assert len(body["items"]) == 7
     assert all(set(i) == {"item_id", "score"} for i in body["items"])
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
     unknown = server.client.get("/v1/recommendations/never-seen-user").json()
-    assert unknown["fallback"] is True and len(unknown["items"]) == 20
+    assert unknown["fallback"] is True
+    assert len(unknown["items"]) == 20
     sim = server.client.get("/v1/items/10/similar", params={"k": 5}).json()
-    assert len(sim["items"]) == 5 and "10" not in [i["item_id"] for i in sim["items"]]
+    assert len(sim["items"]) == 5
+    assert "10" not in [i["item_id"] for i in sim["items"]]
     hist = server.client.get("/v1/users/3/history", params={"limit": 2}).json()
-    assert hist["user_id"] == "3" and len(hist["events"]) == 2
+    assert hist["user_id"] == "3"
+    assert len(hist["events"]) == 2
     assert set(hist["events"][0]) == {"event_id", "item_id", "kind", "value", "ts"}
     metrics = server.client.get("/metrics").text
-    assert "signedrec_request_seconds_bucket" in metrics and "signedrec_index_items" in metrics
+    assert "signedrec_request_seconds_bucket" in metrics
+    assert "signedrec_index_items" in metrics
 
 
 def test_trained_items_are_excluded(server: Server) -> None:
     history = server.client.get("/v1/users/3/history", params={"limit": 1000}).json()["events"]
     seen = {e["item_id"] for e in history}
-    assert seen and not seen & set(_recs(server, "3", 100))
+    assert seen
+    assert not seen & set(_recs(server, "3", 100))
 
 
 def test_like_changes_next_response(server: Server) -> None:
@@ -142,11 +149,14 @@ def test_similar_to_fresh_dislike_sinks(server: Server) -> None:
     # Every look-alike still listed moves down (or out) relative to where it was.
     moved = [(before.index(s), after.index(s) if s in after else 1000) for s in similar
              if s in before]  # fmt: skip
-    assert moved and all(new >= old for old, new in moved)
+    assert moved
+    assert all(new >= old for old, new in moved)
     assert sum(new - old for old, new in moved) > 0
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.lists(
         st.tuples(st.sampled_from(["1", "2", "7", "10", "21", "29", "50", "76", "542"]),
@@ -164,8 +174,8 @@ def test_disliked_never_returned(server: Server, steps: list[tuple[str, str, int
         latest[item] = kind == "like" or (kind == "rating" and value >= 4)
         disliked = {i for i, positive in latest.items() if not positive}
         assert not disliked & set(_recs(server, user, 50))
-        liked_allowed = server.client.get(f"/v1/recommendations/{user}",
-                                          params={"k": 50, "include_liked": "true"}).json()  # fmt: skip
+        params = {"k": 50, "include_liked": "true"}
+        liked_allowed = server.client.get(f"/v1/recommendations/{user}", params=params).json()
         assert not disliked & {i["item_id"] for i in liked_allowed["items"]}
 
 
@@ -216,7 +226,9 @@ def test_feedback_errors(server: Server, body: bytes, status: int, code: str) ->
                            headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert error["code"] == code and error["message"] and isinstance(error["detail"], dict)
+    assert error["code"] == code
+    assert error["message"]
+    assert isinstance(error["detail"], dict)
 
 
 @pytest.mark.parametrize(
@@ -278,3 +290,61 @@ def test_torn_tail_is_dropped(tmp_path: Path) -> None:
     finally:
         again.stop()
     assert "torn" in again.log_path.read_text() or "truncat" in again.log_path.read_text()
+
+
+def _state_of(srv: Server, users: list[str]) -> dict[str, tuple[list[str], object]]:
+    return {u: (_recs(srv, u), srv.client.get(f"/v1/users/{u}/history").json()) for u in users}
+
+
+def test_snapshot_restores_after_sigterm(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "state")
+    users = ["snap-a", "snap-b", "5"]
+    for user in users:
+        _post(srv, [_event(user, "21", "like"), _event(user, "50", "dislike")])
+    before = _state_of(srv, users)
+    srv.stop(signal.SIGTERM)
+    assert (tmp_path / "state" / "snapshot.msgpack").is_file()
+    again = Server(tmp_path / "state")
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    text = again.log_path.read_text()
+    assert "restored snapshot" in text
+    assert "replayed 0 events" in text
+
+
+def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> None:
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "4"}
+    srv = Server(tmp_path / "state", env)
+    users = [f"tail-{i}" for i in range(3)]
+    for n, user in enumerate(users):
+        _post(srv, [_event(user, str(7 + n), "like"), _event(user, "50", "dislike")])
+    before = _state_of(srv, users)
+    srv.stop(signal.SIGKILL)
+    assert (tmp_path / "state" / "snapshot.msgpack").is_file()
+    again = Server(tmp_path / "state", env)
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    assert "restored snapshot" in again.log_path.read_text()
+
+
+def test_corrupt_snapshot_is_ignored(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "state")
+    users = ["corrupt-a", "3"]
+    for user in users:
+        _post(srv, [_event(user, "21", "like"), _event(user, "50", "dislike")])
+    before = _state_of(srv, users)
+    srv.stop(signal.SIGTERM)
+    path = tmp_path / "state" / "snapshot.msgpack"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = Server(tmp_path / "state")
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    assert "ignoring snapshot" in again.log_path.read_text()
