@@ -22,7 +22,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from server.train import train
 
     config = load_config(args.config)
-    path = train(Path(args.data), args.threshold, Path(args.out), config.model)
+    fixed = None
+    if args.hyper_from is not None:
+        from server.artifacts import read_manifest, resolve
+        from server.model import Hyper
+
+        manifest = read_manifest(resolve(Path(args.hyper_from)))
+        fixed = Hyper(**manifest["model"]["hyper"])
+    path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed)
     print(path)
     return 0
 
@@ -99,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", required=True, type=float, help="rating >= T is positive")
     p.add_argument("--out", required=True, help="artifact root; a new version is written under it")
     p.add_argument("--config", type=Path, default=None, help="TOML config file")
+    p.add_argument(
+        "--hyper-from", default=None, help="refit with this artifact's hyper-parameters, no search"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact with the datasets' protocol")

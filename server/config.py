@@ -44,6 +44,15 @@ class ModelConfig(Base):
     gf_ideal_grid: tuple[float, ...] = (0.5, 2.0)
     # Stop searching one axis after this many trials in a row without improvement.
     patience: int = 2
+    # Dislike suppression strength: the largest of the grid whose valid NDCG@20 stays within
+    # this relative tolerance of no suppression is stored in the artifact for serving.
+    suppression_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+    suppression_tolerance: float = 0.01
+    # ... unless look-alikes of a fresh dislike would not sink: gamma is raised until most
+    # (this share) of a fresh dislike's nearest items drop in rank (sampled valid dislikes).
+    suppression_sink_rate: float = 0.5
+    suppression_lookalikes: int = 5
+    suppression_sample: int = 500
 
 
 class EventWeights(Base):
@@ -63,7 +72,8 @@ class RankingConfig(Base):
     max_k: int = 200
     candidate_multiplier: int = 4
     candidate_min: int = 100
-    suppression_gamma: float = 0.5
+    # None: use the strength validated at training time and stored in the artifact.
+    suppression_gamma: float | None = None
     suppression_recent: int = 50
     exclude_seen: bool = True
 

@@ -102,28 +102,44 @@ def evaluate_ranked(
     return out
 
 
+def evaluate_variants(
+    score_fn: Callable[[np.ndarray], dict[str, np.ndarray]],
+    truth: Truth,
+    masked: sp.csr_matrix,
+    ks: Sequence[int] = KS,
+    batch: int = 256,
+) -> dict[str, dict[str, float]]:
+    """Protocol metrics for several scorings of the same users in one pass (one mask per chunk)."""
+    users = truth.users
+    if len(users) == 0:
+        raise ValueError("no users with a positive in the evaluated split")
+    totals: dict[str, dict[str, float]] = {}
+    for start in range(0, len(users), batch):
+        chunk = users[start : start + batch]
+        m = masked[chunk].tocoo()
+        for variant, raw in score_fn(chunk).items():
+            scores = np.array(raw, dtype=np.float32, copy=True)
+            scores[m.row, m.col] = -np.inf
+            ranked = top_k(scores, max(ks))
+            # Masked items that still reach the top K (tiny catalogues) are never hits.
+            finite = np.isfinite(np.take_along_axis(scores, ranked, axis=1))
+            ranked = np.where(finite, ranked, -1)
+            sums = totals.setdefault(variant, {})
+            for name, value in rank_metrics(ranked, chunk, truth, ks).items():
+                sums[name] = sums.get(name, 0.0) + value
+    out: dict[str, dict[str, float]] = {}
+    for variant, sums in totals.items():
+        out[variant] = {name: value / len(users) for name, value in sums.items()}
+        out[variant]["users"] = float(len(users))
+    return out
+
+
 def evaluate_scores(
     score_fn: Callable[[np.ndarray], np.ndarray],
     truth: Truth,
     masked: sp.csr_matrix,
     ks: Sequence[int] = KS,
-    batch: int = 1024,
+    batch: int = 256,
 ) -> dict[str, float]:
     """Protocol metrics for a model given as ``users -> dense scores``, masking ``masked`` items."""
-    users = truth.users
-    if len(users) == 0:
-        raise ValueError("no users with a positive in the evaluated split")
-    totals: dict[str, float] = {}
-    for start in range(0, len(users), batch):
-        chunk = users[start : start + batch]
-        scores = np.array(score_fn(chunk), dtype=np.float32, copy=True)
-        m = masked[chunk].tocoo()
-        scores[m.row, m.col] = -np.inf
-        ranked = top_k(scores, max(ks))
-        # Masked items that still reach the top K (tiny catalogues) are never hits: mark them.
-        ranked = np.where(np.isfinite(np.take_along_axis(scores, ranked, axis=1)), ranked, -1)
-        for name, value in rank_metrics(ranked, chunk, truth, ks).items():
-            totals[name] = totals.get(name, 0.0) + value
-    out = {name: value / len(users) for name, value in totals.items()}
-    out["users"] = float(len(users))
-    return out
+    return evaluate_variants(lambda u: {"": score_fn(u)}, truth, masked, ks, batch)[""]

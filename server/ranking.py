@@ -38,6 +38,7 @@ def rank(
     excluded: Ragged,
     disliked: Ragged,
     k: int,
+    gamma: float,
     config: RankingConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (ids int32, scores float32) per query row after exclusion and suppression."""
@@ -55,6 +56,6 @@ def rank(
         disliked.ids,
         excluded.indptr,
         excluded.ids,
-        float(config.suppression_gamma),
+        float(gamma),
         int(k),
     )

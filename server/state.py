@@ -69,6 +69,9 @@ class ItemSide:
         self.popular_scores = arrays["item_popularity"][self.popular].astype(np.float32)
         self.neg_weight = artifact.neg_weight
         self.threshold = artifact.threshold
+        trained_gamma = artifact.manifest.get("ranking", {}).get("suppression_gamma", 0.0)
+        configured = config.ranking.suppression_gamma
+        self.gamma = float(trained_gamma if configured is None else configured)
         self.index = ItemIndex(self.vectors, config.index, "score")
         self.similar_index = ItemIndex(self.unit, config.index, "similar")
 
@@ -413,6 +416,7 @@ class LiveState:
                 Ragged.from_lists(excluded),
                 Ragged.from_lists(disliked),
                 k,
+                self.item_side.gamma,
                 self.config.ranking,
             )
             item_map = self.item_side.items

@@ -8,6 +8,7 @@ valid (and test when present) before export, so the manifest's metrics are the s
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -19,12 +20,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from server.artifacts import save_artifact
 from server.config import ModelConfig
 from server.data import Dataset, IdMap, load_dataset
-from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
+from server.evaluate import (
+    Truth,
+    evaluate_scores,
+    evaluate_variants,
+    ground_truth,
+    interaction_matrix,
+)
 from server.graph import SignedGraph, build_graph
 from server.model import Hyper, SignedGraphModel, factorise
 
@@ -34,6 +42,24 @@ log = logging.getLogger("signedrec.train")
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def pin_malloc_threshold() -> bool:
+    """Make glibc mmap every block over 1 MiB, so freed n x n matrices go back to the OS.
+
+    By default glibc raises its mmap threshold after each large free (up to 32 MiB), so the
+    search's many n x n temporaries then come from heap arenas that are never returned: on
+    amazon-music that alone moved peak RSS from about 560 MB to about 810 MB.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc: nothing to pin
+        return False
 
 
 def set_threads() -> int:
@@ -98,10 +124,141 @@ def search(
     return best, best_metrics, trials
 
 
+def _fresh_dislikes(
+    dataset: Dataset, graph: SignedGraph, config: ModelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of (user, item) negatives in valid that the user has no train edge on."""
+    valid = dataset.valid
+    negative = ~valid.positive(dataset.threshold)
+    users, items = valid.users[negative], valid.items[negative]
+    pos, neg = graph.matrices()
+    seen = np.asarray((pos + neg)[users, items]).ravel() != 0
+    users, items = users[~seen], items[~seen]
+    _, first = np.unique(users, return_index=True)  # one fresh dislike per user
+    rng = np.random.default_rng(config.seed)
+    pick = rng.permutation(first)[: config.suppression_sample]
+    return users[pick].astype(np.int64), items[pick].astype(np.int64)
+
+
 def _popularity(graph: SignedGraph) -> np.ndarray:
     pos, neg = graph.item_degrees()
     # Positive count with a small penalty for being disliked: the fallback for unknown users.
     return (pos - 0.5 * neg).astype(np.float32)
+
+
+def dislike_penalty(unit: np.ndarray, negatives: sp.csr_matrix) -> np.ndarray:
+    """Per user row, each item's largest cosine to the user's disliked items (0 if none)."""
+    out = np.zeros((negatives.shape[0], unit.shape[0]), dtype=np.float32)
+    counts = np.diff(negatives.indptr)
+    rows = np.flatnonzero(counts)
+    if len(rows):
+        cosine = unit[negatives.indices] @ unit.T
+        starts = negatives.indptr[rows]
+        out[rows] = np.maximum.reduceat(cosine, starts, axis=0)
+    return np.maximum(out, 0.0)
+
+
+def _normalised(scores: np.ndarray) -> np.ndarray:
+    top = np.abs(scores.max(axis=1, keepdims=True))
+    return scores / np.where(top > 0, top, 1.0)
+
+
+def sink_rate(
+    gamma: float,
+    table: np.ndarray,
+    vectors: np.ndarray,
+    unit: np.ndarray,
+    z: sp.csr_matrix,
+    negatives: sp.csr_matrix,
+    fresh: tuple[np.ndarray, np.ndarray],
+    neg_weight: float,
+    lookalikes: int,
+) -> float:
+    """Share of a fresh dislike's nearest items that drop in rank once it is folded in."""
+    users, items = fresh
+    before_vec = z[users] @ table
+    after_vec = before_vec + neg_weight * table[items]
+    penalty = dislike_penalty(unit, negatives[users])
+    fresh_cos = np.maximum(unit[items] @ unit.T, 0.0)
+    before = _normalised(before_vec @ vectors.T) - gamma * penalty
+    after = _normalised(after_vec @ vectors.T) - gamma * np.maximum(penalty, fresh_cos)
+    seen = z[users].toarray() != 0
+    seen[np.arange(len(users)), items] = True
+    before[seen], after[seen] = -np.inf, -np.inf
+    near = np.argsort(-fresh_cos, axis=1)[:, 1 : lookalikes + 1]
+    rows = np.arange(len(users))[:, None]
+    rank_before = (before[:, None, :] > before[rows, near][:, :, None]).sum(axis=2)
+    rank_after = (after[:, None, :] > after[rows, near][:, :, None]).sum(axis=2)
+    valid = np.isfinite(before[rows, near])
+    return float(((rank_after > rank_before) & valid).sum() / max(valid.sum(), 1))
+
+
+def select_suppression(
+    served: Callable[[np.ndarray], np.ndarray],
+    sink: Callable[[float], float],
+    unit: np.ndarray,
+    negatives: sp.csr_matrix,
+    truth: Truth,
+    masked: sp.csr_matrix,
+    config: ModelConfig,
+    out: TextIO,
+) -> tuple[float, list[dict[str, float]]]:
+    """Dislike suppression strength from one rule, the same for every dataset.
+
+    Serving ranks by ``score / best_score - gamma * max_cos(item, disliked)``. Two measurements on
+    the valid split pick gamma: the largest gamma whose NDCG@20 stays within the tolerance of no
+    suppression, and the smallest gamma under which look-alikes of a fresh dislike sink (the
+    product promise); the larger of the two wins.
+    """
+    gammas = sorted(set(config.suppression_grid) | {0.0})
+
+    def variants(u: np.ndarray) -> dict[str, np.ndarray]:
+        scores = _normalised(served(u))
+        penalty = dislike_penalty(unit, negatives[u])
+        return {str(g): scores - g * penalty for g in gammas}
+
+    metrics = evaluate_variants(variants, truth, masked)
+    table: list[dict[str, float]] = []
+    for gamma in gammas:
+        rate = sink(gamma)
+        row = metrics[str(gamma)]
+        table.append({"gamma": gamma, "sink_rate": rate, **row})
+        print(
+            f"suppression gamma={gamma:g} ndcg@20={row['ndcg@20']:.4f} "
+            f"neghit@20={row['neghit@20']:.4f} look-alikes sinking={rate:.2f}",
+            file=out,
+            flush=True,
+        )
+    floor = (1.0 - config.suppression_tolerance) * table[0]["ndcg@20"]
+    by_quality = max(row["gamma"] for row in table if row["ndcg@20"] >= floor)
+    sinking = [row["gamma"] for row in table if row["sink_rate"] >= config.suppression_sink_rate]
+    by_sinking = min(sinking) if sinking else max(row["gamma"] for row in table)
+    return max(by_quality, by_sinking), table
+
+
+def fit(
+    graph: SignedGraph,
+    valid_truth: Truth,
+    masked: sp.csr_matrix,
+    config: ModelConfig,
+    out: TextIO,
+    fixed: Hyper | None = None,
+) -> tuple[Hyper, list[dict[str, Any]], np.ndarray, np.ndarray, sp.csr_matrix]:
+    """Search (or take) hyper-parameters, then factorise: (hyper, trials, Q, V, signed input)."""
+    model = SignedGraphModel(graph)
+
+    def score(h: Hyper) -> dict[str, float]:
+        operator = model.operator(h)
+        z = model.z
+        return evaluate_scores(lambda u: z[u] @ operator, valid_truth, masked)
+
+    if fixed is None:
+        best, _, trials = search(model, score, config, out)
+    else:
+        best, trials = fixed, []
+        print(f"fixed hyper-parameters {best.as_dict()} (no search)", file=out, flush=True)
+    item_table, item_vectors = factorise(model.operator(best), config.dim)
+    return best, trials, item_table, item_vectors, model.z
 
 
 def train(
@@ -110,9 +267,14 @@ def train(
     out_dir: Path,
     config: ModelConfig,
     out: TextIO = sys.stderr,
+    fixed: Hyper | None = None,
 ) -> Path:
-    """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it."""
+    """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
+
+    With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data).
+    """
     started = time.perf_counter()
+    pin_malloc_threshold()
     threads = set_threads()
     torch.manual_seed(config.seed)
     dataset = load_dataset(Path(data_dir), threshold)
@@ -123,26 +285,30 @@ def train(
         flush=True,
     )
     graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
-    model = SignedGraphModel(graph)
     masked = interaction_matrix(
         dataset.train.users, dataset.train.items, dataset.n_users, dataset.n_items
     )
     valid_truth = ground_truth(dataset.valid, threshold, dataset.n_users, dataset.n_items)
-
-    def score(h: Hyper) -> dict[str, float]:
-        operator = model.operator(h)
-        z = model.z
-        return evaluate_scores(lambda u: z[u] @ operator, valid_truth, masked)
-
-    best, _, trials = search(model, score, config, out)
-    operator = model.operator(best)
-    item_table, item_vectors = factorise(operator, config.dim)
-    del operator
-    z = model.z
+    # The search's n x n caches live only inside fit(), freed before the served factors are used.
+    best, trials, item_table, item_vectors, z = fit(graph, valid_truth, masked, config, out, fixed)
 
     def served(u: np.ndarray) -> np.ndarray:
         return (z[u] @ item_table) @ item_vectors.T
 
+    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
+    unit = item_vectors / np.where(norms > 0, norms, 1.0)
+    _, negatives = graph.matrices()
+    fresh = _fresh_dislikes(dataset, graph, config)
+
+    def sink(gamma: float) -> float:
+        if len(fresh[0]) == 0:
+            return 1.0
+        return sink_rate(gamma, item_table, item_vectors, unit, z, negatives, fresh,
+                         best.neg_weight, config.suppression_lookalikes)  # fmt: skip
+
+    gamma, suppression = select_suppression(
+        served, sink, unit, negatives, valid_truth, masked, config, out
+    )
     metrics = {"valid": evaluate_scores(served, valid_truth, masked)}
     if dataset.test is not None:
         test_truth = ground_truth(dataset.test, threshold, dataset.n_users, dataset.n_items)
@@ -155,7 +321,10 @@ def train(
         file=out,
         flush=True,
     )
-    return export(dataset, graph, best, item_table, item_vectors, metrics, trials, seconds, out_dir)
+    ranking = {"suppression_gamma": gamma, "suppression_valid": suppression}
+    return export(
+        dataset, graph, best, item_table, item_vectors, metrics, trials, ranking, seconds, out_dir
+    )
 
 
 def export(
@@ -166,6 +335,7 @@ def export(
     item_vectors: np.ndarray,
     metrics: dict[str, dict[str, float]],
     trials: list[dict[str, Any]],
+    ranking: dict[str, Any],
     seconds: float,
     out_dir: Path,
 ) -> Path:
@@ -199,6 +369,7 @@ def export(
         },
         "metrics": metrics,
         "search": trials,
+        "ranking": ranking,
         "train_seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "watermark": 0,
