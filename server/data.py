@@ -103,12 +103,12 @@ def read_interactions(path: Path) -> Interactions:
         raise DataError(name, None, "file does not exist") from None
     except UnicodeDecodeError as exc:
         raise DataError(name, None, f"not a UTF-8 text file ({exc.reason})") from None
-    lines = text.splitlines()
+    lines = text.split("\n")  # read_text already turned \r\n and \r into \n
     if not any(line.strip() for line in lines):
         raise DataError(name, None, "file is empty")
     # Fast path: one vectorised parse; on any irregularity fall back to the line-naming parser.
     tokens = text.split()
-    if len(tokens) % 3 == 0 and len(tokens) // 3 == sum(1 for ln in lines if ln.strip()):
+    if all(len(ln.split()) in (0, 3) for ln in lines):
         try:
             table = np.asarray(tokens, dtype=np.float64).reshape(-1, 3)
         except ValueError:

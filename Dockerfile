@@ -1,0 +1,25 @@
+# signedrec: the main job (train the embedded default model if absent, then serve it).
+# Build: docker build -t signedrec .    Run: docker run -p 8000:8000 signedrec
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 signedrec
+WORKDIR /app
+
+# Only what the package and the default model need (no local .venv, state or caches).
+COPY --chown=signedrec:signedrec pyproject.toml README.md ./
+COPY --chown=signedrec:signedrec server ./server
+COPY --chown=signedrec:signedrec kernels ./kernels
+COPY --chown=signedrec:signedrec benchmarks ./benchmarks
+COPY --chown=signedrec:signedrec loadtest ./loadtest
+COPY --chown=signedrec:signedrec model_artifacts ./model_artifacts
+RUN pip install torch==2.13.0 -e .
+
+# Runs unprivileged; build-default writes under /app/model_artifacts, state goes to ~/.local.
+USER signedrec
+EXPOSE 8000
+CMD ["sh", "-c", "signedrec build-default && signedrec serve --host 0.0.0.0"]

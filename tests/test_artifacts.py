@@ -1,0 +1,240 @@
+"""Artifacts on disk: round trip, checksums, missing files, schema, versions, no pickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.artifacts import (
+    MANIFEST,
+    REQUIRED_ARRAYS,
+    SCHEMA_VERSION,
+    _sha256,
+    list_versions,
+    load_artifact,
+    read_manifest,
+    resolve,
+    save_artifact,
+)
+from server.errors import ArtifactError
+
+N_USERS, N_ITEMS, DIM = 5, 7, 3
+
+
+def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "item_table": rng.standard_normal((N_ITEMS, DIM)).astype(np.float32),
+        "item_vectors": rng.standard_normal((N_ITEMS, DIM)).astype(np.float32),
+        "item_popularity": rng.random(N_ITEMS).astype(np.float32),
+        "item_ids": np.asarray([f"item-{i}" for i in range(N_ITEMS)], dtype=str),
+        "user_ids": np.asarray([str(u) for u in range(N_USERS)], dtype=str),
+        "pos_indptr": np.array([0, 2, 3, 3, 5, 6], dtype=np.int64),
+        "pos_items": np.array([0, 4, 1, 2, 6, 3], dtype=np.int32),
+        "neg_indptr": np.array([0, 1, 1, 2, 2, 2], dtype=np.int64),
+        "neg_items": np.array([5, 0], dtype=np.int32),
+    }
+
+
+def _manifest() -> dict[str, Any]:
+    return {
+        "name": "unit",
+        "dataset": {"name": "toy", "threshold": 4.0, "n_users": N_USERS, "n_items": N_ITEMS},
+        "model": {"kind": "signed-linear-graph", "dim": DIM, "neg_weight": 0.25},
+        "metrics": {"valid": {"ndcg@20": 0.5}},
+        "watermark": 0,
+    }
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def saved(root: Path) -> Path:
+    return save_artifact(root, _arrays(), _manifest(), version="20240101T000000000Z")
+
+
+def _rewrite_manifest(version: Path, **changes: Any) -> None:
+    manifest = json.loads((version / MANIFEST).read_text())
+    manifest.update(changes)
+    (version / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_round_trip(saved: Path, root: Path) -> None:
+    assert saved == root / "20240101T000000000Z"
+    artifact = load_artifact(saved)
+    assert artifact.path == saved
+    assert set(artifact.arrays) == set(REQUIRED_ARRAYS)
+    for name, array in _arrays().items():
+        np.testing.assert_array_equal(artifact.arrays[name], array)
+        assert artifact.arrays[name].dtype == array.dtype
+    manifest = artifact.manifest
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["version"] == artifact.version == "20240101T000000000Z"
+    assert artifact.neg_weight == 0.25
+    assert artifact.threshold == 4.0
+    for key, value in _manifest().items():
+        assert manifest[key] == value
+    assert "created_at" in manifest
+    assert set(manifest["files"]) == {f"{name}.npy" for name in REQUIRED_ARRAYS}
+    entry = manifest["files"]["item_table.npy"]
+    assert entry["shape"] == [N_ITEMS, DIM]
+    assert entry["dtype"] == "float32"
+    assert len(entry["sha256"]) == 64
+    # Nothing but the version dir (no temp dir) is left under the root.
+    assert [p.name for p in root.iterdir()] == [saved.name]
+    assert read_manifest(saved) == manifest
+
+
+def test_default_version_names_sort_by_time(root: Path) -> None:
+    first = save_artifact(root, _arrays(), _manifest())
+    second = save_artifact(root, _arrays(1), _manifest(), version=first.name + "~later")
+    assert list_versions(root) == [first.name, second.name]
+    assert first.name.endswith("Z")
+    assert len(first.name) == len("20240101T000000000Z")
+
+
+def test_existing_version_is_not_overwritten(saved: Path, root: Path) -> None:
+    with pytest.raises(ArtifactError, match="already exists"):
+        save_artifact(root, _arrays(1), _manifest(), version=saved.name)
+    np.testing.assert_array_equal(
+        load_artifact(saved).arrays["item_table"], _arrays()["item_table"]
+    )
+
+
+def test_missing_array_is_refused_on_save(root: Path) -> None:
+    arrays = _arrays()
+    del arrays["neg_items"]
+    with pytest.raises(ArtifactError, match="neg_items"):
+        save_artifact(root, arrays, _manifest())
+    assert list_versions(root) == []
+
+
+@pytest.mark.parametrize("name", ["item_table", "item_ids", "pos_indptr"])
+def test_checksum_mismatch_is_refused(saved: Path, name: str) -> None:
+    path = saved / f"{name}.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last array element
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch") as caught:
+        load_artifact(saved)
+    assert f"{name}.npy" in caught.value.message
+    # Without verification the flipped element loads (it is still a valid .npy file).
+    assert load_artifact(saved, verify=False).arrays[name].shape == _arrays()[name].shape
+
+
+def test_missing_file_is_refused(saved: Path) -> None:
+    (saved / "pos_items.npy").unlink()
+    with pytest.raises(ArtifactError, match=r"pos_items\.npy is missing"):
+        load_artifact(saved)
+
+
+def test_file_not_in_manifest_is_refused(saved: Path) -> None:
+    manifest = json.loads((saved / MANIFEST).read_text())
+    del manifest["files"]["neg_indptr.npy"]
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"does not list neg_indptr\.npy"):
+        load_artifact(saved)
+
+
+def test_missing_manifest_is_refused(saved: Path) -> None:
+    (saved / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
+        read_manifest(saved)
+    with pytest.raises(ArtifactError, match="no artifact"):
+        load_artifact(saved)
+
+
+def test_corrupt_manifest_is_refused(saved: Path) -> None:
+    (saved / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(saved)
+    (saved / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="not a JSON object"):
+        load_artifact(saved)
+
+
+@pytest.mark.parametrize("schema", [SCHEMA_VERSION + 1, 0, "1", None])
+def test_wrong_schema_version_is_refused(saved: Path, schema: object) -> None:
+    _rewrite_manifest(saved, schema_version=schema)
+    with pytest.raises(ArtifactError, match="schema_version") as caught:
+        load_artifact(saved)
+    assert f"expected {SCHEMA_VERSION}" in caught.value.message
+
+
+@pytest.mark.parametrize("key", ["version", "files", "model", "dataset"])
+def test_manifest_missing_key_is_refused(saved: Path, key: str) -> None:
+    manifest = json.loads((saved / MANIFEST).read_text())
+    del manifest[key]
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=repr(key)):
+        read_manifest(saved)
+
+
+def test_dtype_and_shape_must_match_the_manifest(saved: Path) -> None:
+    # A float64 table with a consistent checksum is still refused: the dtype is part of the schema.
+    path = saved / "item_table.npy"
+    np.save(path, _arrays()["item_table"].astype(np.float64), allow_pickle=False)
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["files"]["item_table.npy"]["sha256"] = _sha256(path)
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"item_table\.npy has dtype float64"):
+        load_artifact(saved)
+
+
+def test_resolve_picks_the_newest_version(root: Path) -> None:
+    names = ["20240101T000000000Z", "20250101T000000000Z", "20240601T000000000Z"]
+    for seed, name in enumerate(names):
+        save_artifact(root, _arrays(seed), _manifest(), version=name)
+    assert list_versions(root) == sorted(names)
+    assert resolve(root) == root / "20250101T000000000Z"
+    assert resolve(root / "20240101T000000000Z") == root / "20240101T000000000Z"
+    newest = load_artifact(root)
+    assert newest.version == "20250101T000000000Z"
+    np.testing.assert_array_equal(newest.arrays["item_table"], _arrays(1)["item_table"])
+
+
+def test_list_versions_ignores_temp_and_incomplete_dirs(saved: Path, root: Path) -> None:
+    # A crashed save leaves `.<version>.tmp`, even with a manifest: never a version, never resolved.
+    crashed = save_artifact(root / "elsewhere", _arrays(1), _manifest(), version="20990101T0Z")
+    crashed.rename(root / ".20990101T0Z.tmp")
+    (root / "20980101T000000000Z").mkdir()  # no manifest: not a version
+    (root / "20970101T000000000Z.txt").write_text("a file, not a dir")
+    assert list_versions(root) == [saved.name]
+    assert resolve(root) == saved
+    assert list_versions(root / "absent") == []
+    with pytest.raises(ArtifactError, match="no artifact"):
+        resolve(root / "absent")
+    with pytest.raises(ArtifactError, match="no artifact"):
+        resolve(root / "20980101T000000000Z")
+
+
+def test_object_arrays_cannot_sneak_in(saved: Path, root: Path) -> None:
+    # Saving refuses object arrays (np.save with allow_pickle=False) ...
+    arrays = _arrays()
+    arrays["item_ids"] = np.asarray([f"item-{i}" for i in range(N_ITEMS)], dtype=object)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        save_artifact(root, arrays, _manifest(), version="20300101T000000000Z")
+    assert "20300101T000000000Z" not in list_versions(root)
+    # ... and loading refuses a pickled file even when the manifest's checksum agrees with it.
+    path = saved / "item_ids.npy"
+    np.save(path, arrays["item_ids"], allow_pickle=True)
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["files"]["item_ids.npy"].update(sha256=_sha256(path), dtype="object")
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"item_ids\.npy cannot be read"):
+        load_artifact(saved)
+
+
+def test_inconsistent_item_arrays_are_refused(root: Path) -> None:
+    arrays = _arrays()
+    arrays["item_ids"] = arrays["item_ids"][:-1]
+    version = save_artifact(root, arrays, _manifest())
+    with pytest.raises(ArtifactError, match="disagree"):
+        load_artifact(version)

@@ -1,0 +1,165 @@
+"""The model contract on a tiny trained artifact, the synthetic clusters, the train/evaluate CLI.
+
+Contract (DESIGN §3): a user's vector is a function of the item side and the user's signed
+neighbourhood, ``u = z_u @ item_table`` where ``z_u`` holds 1 per liked item and the manifest's
+``neg_weight`` per disliked one. So folding the user's events in one at a time from zero, in any
+order, gives the batch vector, and scores are ``u @ item_vectors.T``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from server.artifacts import Artifact, list_versions, load_artifact
+from server.data import load_dataset
+from server.evaluate import KS
+from server.graph import SignedGraph, build_graph
+
+if TYPE_CHECKING:
+    from conftest import TinyDataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact: Path) -> Artifact:
+    return load_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_dataset: TinyDataset) -> SignedGraph:
+    threshold = tiny_dataset.threshold
+    dataset = load_dataset(tiny_dataset.path, threshold)
+    return build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
+
+
+def _batch_vectors(artifact: Artifact, graph: SignedGraph, users: np.ndarray) -> np.ndarray:
+    z = graph.signed_input(artifact.neg_weight)
+    return np.asarray(z[users] @ artifact.arrays["item_table"])
+
+
+def test_artifact_shapes_and_manifest(
+    artifact: Artifact, graph: SignedGraph, tiny_dataset: TinyDataset
+) -> None:
+    dim = tiny_dataset.model.dim
+    table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
+    assert (graph.n_users, graph.n_items) == (tiny_dataset.n_users, tiny_dataset.n_items)
+    assert table.shape == vectors.shape == (graph.n_items, dim)
+    assert table.dtype == vectors.dtype == np.float32
+    assert np.isfinite(table).all()
+    assert np.isfinite(vectors).all()
+    assert artifact.manifest["model"]["dim"] == dim
+    assert artifact.manifest["dataset"]["n_users"] == graph.n_users
+    assert artifact.manifest["dataset"]["n_items"] == graph.n_items
+    assert artifact.threshold == tiny_dataset.threshold
+    # The tiny grids give a positive neg_weight, so negatives really take part in the contract.
+    assert artifact.neg_weight > 0
+    for split in ("valid", "test"):
+        assert set(artifact.manifest["metrics"][split]) >= {f"ndcg@{k}" for k in KS}
+    # The stored signed graph is the training graph.
+    for name in ("pos_indptr", "pos_items", "neg_indptr", "neg_items"):
+        np.testing.assert_array_equal(artifact.arrays[name], getattr(graph, name))
+
+
+def test_fold_in_events_one_by_one_equals_batch_vector(
+    artifact: Artifact, graph: SignedGraph, tiny_dataset: TinyDataset
+) -> None:
+    table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
+    threshold = tiny_dataset.threshold
+    rng = np.random.default_rng(7)
+    users = rng.choice(graph.n_users, size=12, replace=False)
+    batch = _batch_vectors(artifact, graph, users)
+    batch_scores = batch @ vectors.T
+    events: dict[int, list[tuple[int, float]]] = {}
+    for user, item, rating in tiny_dataset.rows["train"]:
+        events.setdefault(user, []).append((item, rating))
+    for row, user in enumerate(users.tolist()):
+        own = events[user]
+        assert any(r < threshold for _, r in own), "every synthetic user has a negative"
+        u = np.zeros(table.shape[1], dtype=np.float32)
+        for index in rng.permutation(len(own)):
+            item, rating = own[index]
+            weight = 1.0 if rating >= threshold else artifact.neg_weight
+            u += np.float32(weight) * table[item]
+        scale = float(np.abs(table).max()) * len(own)
+        np.testing.assert_allclose(u, batch[row], rtol=1e-5, atol=1e-6 * scale)
+        scores = u @ vectors.T
+        score_scale = float(np.abs(batch_scores[row]).max())
+        np.testing.assert_allclose(scores, batch_scores[row], rtol=1e-5, atol=1e-5 * score_scale)
+
+
+def test_fold_in_retraction_restores_the_vector(artifact: Artifact, graph: SignedGraph) -> None:
+    # A change of mind is "retract the old term, add the new one": folding a like and then
+    # retracting it leaves the user's vector where it was, to float32 tolerance.
+    table = artifact.arrays["item_table"]
+    (user,) = _batch_vectors(artifact, graph, np.array([0]))
+    unseen = np.setdiff1d(np.arange(graph.n_items), graph.pos_items[: graph.pos_indptr[1]])
+    u = user.copy()
+    u += table[unseen[0]]
+    u -= table[unseen[0]]
+    u -= np.float32(artifact.neg_weight) * table[unseen[1]]
+    u += np.float32(artifact.neg_weight) * table[unseen[1]]
+    np.testing.assert_allclose(u, user, rtol=1e-5, atol=1e-6 * float(np.abs(table).max()))
+
+
+def test_model_ranks_own_cluster_above_the_other(
+    artifact: Artifact, graph: SignedGraph, tiny_dataset: TinyDataset
+) -> None:
+    users = np.arange(graph.n_users)
+    scores = _batch_vectors(artifact, graph, users) @ artifact.arrays["item_vectors"].T
+    pos, neg = graph.matrices()
+    seen = (pos + neg).toarray() > 0
+    item_side = np.array([tiny_dataset.item_cluster(i) for i in range(graph.n_items)])
+    aucs = []
+    for user in users.tolist():
+        own = item_side == tiny_dataset.user_cluster(user)
+        unseen = ~seen[user]
+        candidates = np.flatnonzero(unseen)
+        top5 = candidates[np.argsort(-scores[user, candidates], kind="stable")[:5]]
+        assert own[top5].all(), f"user {user}: top-5 unseen items {top5} leave the own cluster"
+        mine, theirs = scores[user, own & unseen], scores[user, ~own & unseen]
+        aucs.append(float((mine[:, None] > theirs[None, :]).mean()))
+    assert min(aucs) > 0.9
+    assert float(np.mean(aucs)) > 0.97
+
+
+def test_cli_train_then_evaluate_json(tiny_dataset: TinyDataset, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_dataset.model_toml)
+    root = tmp_path / "artifacts"
+    train = subprocess.run(
+        [sys.executable, "-m", "server.cli", "train", "--data", str(tiny_dataset.path),
+         "--threshold", str(tiny_dataset.threshold), "--out", str(root), "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    (version,) = list_versions(root)
+    assert train.stdout.strip().splitlines()[-1] == str(root / version)
+    assert "trial 0" in train.stderr
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "server.cli", "evaluate", "--artifact", str(root),
+         "--data", str(tiny_dataset.path), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr
+    lines = [line for line in evaluate.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, evaluate.stdout
+    result = json.loads(lines[0])
+    assert isinstance(result, dict)
+    metrics = ("recall", "ndcg", "precision", "neghit")
+    expected = {"users"} | {f"{m}@{k}" for m in metrics for k in KS}
+    assert expected <= set(result)
+    # Every synthetic user has test positives; the metrics are the manifest's test metrics.
+    assert result["users"] == tiny_dataset.n_users
+    manifest = json.loads((root / version / "manifest.json").read_text())
+    for key in expected - {"users"}:
+        assert 0.0 <= result[key] <= 1.0
+        assert result[key] == pytest.approx(manifest["metrics"]["test"][key], abs=1e-6)
+    assert result["recall@20"] > 0.5
