@@ -499,7 +499,9 @@ async def _feedback(
 @get("/v1/users/{user_id:str}/history")
 async def history(request: Request, user_id: str, limit: int | None = None) -> HistoryOut:
     """The user's signed feedback, newest first."""
-    state = _service(request).live()
+    service = _service(request)
+    state = service.live()
+    service.limiter.take(service.guard.check("read", request.headers))
     limits = state.config.server
     limit = limits.history_default_limit if limit is None else limit
     if not 1 <= limit <= limits.history_max_limit:
@@ -518,7 +520,9 @@ async def similar(
 ) -> SimilarOut:
     """Nearest items by cosine of the model's item vectors."""
     started = time.perf_counter()
-    state = _service(request).live()
+    service = _service(request)
+    state = service.live()
+    service.limiter.take(service.guard.check("read", request.headers))
     items, scores = state.similar(item_id, k)
     return SimilarOut(
         item_id=item_id,
@@ -532,7 +536,7 @@ async def similar(
 async def model(request: Request) -> ModelOut:
     """The active model version, the rollback target, and every version with its metrics."""
     service = _service(request)
-    service.guard.check("read", request.headers)
+    service.limiter.take(service.guard.check("read", request.headers))
     return service.describe()
 
 
