@@ -54,10 +54,17 @@ class Guard:
         if self.open:
             log.warning("no API keys configured: feedback and admin routes are open to anyone")
 
-    def check(self, action: Literal["read", "write", "admin"], headers: Mapping[str, str]) -> str:
-        """The caller's identity (its key, or "anonymous"); raises 401/403-class errors."""
+    def check(
+        self, action: Literal["read", "write", "admin"], headers: Mapping[str, str], client: str
+    ) -> str:
+        """The caller's rate-limit identity; raises 401/403-class errors.
+
+        A valid key is its own identity; anyone else is identified by client address, so
+        made-up keys can neither dodge the rate limit nor grow its table.
+        """
         if self.open or (action == "read" and not self.config.read_requires_key):
-            return _bearer(headers) or "anonymous"
+            key = _bearer(headers)
+            return key if key is not None and self._role(key) is not None else f"addr:{client}"
         key = _bearer(headers)
         if key is None:
             raise UnauthenticatedError(f"this route needs an API key in the {KEY_HEADER} header")
@@ -109,11 +116,13 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 
 class RateLimiter:
-    """A token bucket per identity; ``rate_per_s = 0`` disables it."""
+    """A token bucket per identity; ``rate_per_s = 0`` disables it. Least recently seen
+    identities are forgotten beyond ``max_identities`` (a forgotten one starts full again)."""
 
     def __init__(self, config: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = config.rate_per_s
         self.burst = config.burst
+        self.max_identities = config.max_identities
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
@@ -122,7 +131,9 @@ class RateLimiter:
         if self.rate <= 0:
             return
         now = self.clock()
-        tokens, last = self._buckets.get(identity, (self.burst, now))
+        tokens, last = self._buckets.pop(identity, (self.burst, now))
+        if len(self._buckets) >= self.max_identities:
+            del self._buckets[next(iter(self._buckets))]
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < cost:
             wait = max(1, math.ceil((cost - tokens) / self.rate))
@@ -150,7 +161,7 @@ class InFlight:
         return False
 
     def refuse_write(self) -> None:
-        """Raise OverloadedError for a write arriving while over the bound."""
+        """Raise OverloadedError for a write arriving while over the bound (counted as shed)."""
         if self.over():
             raise OverloadedError(
                 "too many requests in flight; retry shortly", {"retry_after_s": self.retry_after}

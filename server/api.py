@@ -308,6 +308,10 @@ class Service:
                 if not self.previous:
                     raise NoPreviousVersionError("no previous model version to roll back to")
                 version = self.previous[-1]
+            if version is not None and (Path(version).name != version or version.startswith(".")):
+                raise InvalidRequestError(
+                    f"version {version!r} is not a version name", {"field": "version"}
+                )
             path = resolve(self.root) if version is None else self.root / version
             if not (path / MANIFEST).is_file():
                 raise ArtifactError(f"no artifact version {version!r} under {self.root}")
@@ -353,6 +357,10 @@ class Service:
         if self.state is None:
             raise NotReadyError("the service is still loading its model or replaying its log")
         return self.state
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 def _service(request: Request) -> Service:
@@ -401,7 +409,7 @@ async def recommendations(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    identity = service.guard.check("read", request.headers)
+    identity = service.guard.check("read", request.headers, _client(request))
     service.limiter.take(identity)
     if k > state.config.ranking.max_k:
         raise InvalidRequestError(
@@ -421,7 +429,7 @@ async def recommendations(
     service.metrics.latency.labels("recommendations").observe(took / 1000.0)
     return RecommendationsOut(
         user_id=user_id,
-        model_version=state.item_side.version,
+        model_version=result.version,
         items=[ScoredItem(i, s) for i, s in zip(result.items, result.scores, strict=True)],
         took_ms=round(took, 3),
         fallback=result.fallback,
@@ -434,11 +442,13 @@ async def feedback(request: Request) -> FeedbackOut:
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    identity = service.guard.check("write", request.headers)
+    identity = service.guard.check("write", request.headers, _client(request))
     service.limiter.take(identity)
-    if service.inflight.over():
-        service.metrics.shed.labels("feedback").inc()
+    try:
         service.inflight.refuse_write()
+    except OverloadedError:
+        service.metrics.shed.labels("feedback").inc()
+        raise
     service.inflight.current += 1
     try:
         return await _feedback(service, state, request, started)
@@ -501,7 +511,7 @@ async def history(request: Request, user_id: str, limit: int | None = None) -> H
     """The user's signed feedback, newest first."""
     service = _service(request)
     state = service.live()
-    service.limiter.take(service.guard.check("read", request.headers))
+    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
     limits = state.config.server
     limit = limits.history_default_limit if limit is None else limit
     if not 1 <= limit <= limits.history_max_limit:
@@ -522,7 +532,7 @@ async def similar(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    service.limiter.take(service.guard.check("read", request.headers))
+    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
     items, scores = state.similar(item_id, k)
     return SimilarOut(
         item_id=item_id,
@@ -536,7 +546,7 @@ async def similar(
 async def model(request: Request) -> ModelOut:
     """The active model version, the rollback target, and every version with its metrics."""
     service = _service(request)
-    service.limiter.take(service.guard.check("read", request.headers))
+    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
     return service.describe()
 
 
@@ -544,7 +554,7 @@ async def model(request: Request) -> ModelOut:
 async def reload_model(request: Request) -> ModelOut:
     """Swap in the newest (or a named) version while requests keep flowing."""
     service = _service(request)
-    service.guard.check("admin", request.headers)
+    service.guard.check("admin", request.headers, _client(request))
     body = await request.body()
     try:
         wanted = RELOAD_DECODER.decode(body) if body.strip() else ReloadIn()
@@ -560,7 +570,7 @@ async def reload_model(request: Request) -> ModelOut:
 async def rollback_model(request: Request) -> ModelOut:
     """Go back to the version that was active before the last reload."""
     service = _service(request)
-    service.guard.check("admin", request.headers)
+    service.guard.check("admin", request.headers, _client(request))
     await service.switch(None, rollback=True)
     return service.describe()
 

@@ -134,6 +134,7 @@ class LimitsConfig(Base):
     # Token bucket per API key (or per client address without one); 0 disables it.
     rate_per_s: float = 0.0
     burst: float = 100.0
+    max_identities: int = 100_000
     max_inflight: int = 1024
     retry_after_s: int = 1
 

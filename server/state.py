@@ -51,6 +51,7 @@ class Recommendation:
     items: list[str]
     scores: list[float]
     fallback: bool
+    version: str
 
 
 class ItemSide:
@@ -423,14 +424,18 @@ class LiveState:
             for row, position in enumerate(positions):
                 keep = ids[row] >= 0
                 out[position] = Recommendation(
-                    item_map.external(ids[row][keep]), scores[row][keep].tolist(), False
+                    item_map.external(ids[row][keep]),
+                    scores[row][keep].tolist(),
+                    False,
+                    self.item_side.version,
                 )
         return [r for r in out if r is not None]
 
     def popular(self, k: int) -> Recommendation:
         items = self.item_side.popular[:k]
+        side = self.item_side
         return Recommendation(
-            self.item_side.items.external(items), self.item_side.popular_scores[:k].tolist(), True
+            side.items.external(items), side.popular_scores[:k].tolist(), True, side.version
         )
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:

@@ -1,0 +1,257 @@
+"""Model lifecycle on the real server: list versions, reload, rollback, refuse bad artifacts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from server.artifacts import list_versions, load_artifact, save_artifact
+from tests.test_service import START_TIMEOUT, _free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO / "model_artifacts" / "default"
+# Names chosen so the copied default stays the newest version, the one a plain start serves.
+ROTATED = "20000101T000000000Z"
+CORRUPT = "19990101T000000000Z"
+OTHER_CATALOGUE = "19980101T000000000Z"
+ADMIN = {"x-api-key": "k-admin"}
+
+
+class Server:
+    """A `signedrec serve` subprocess on a given artifact root and state dir."""
+
+    def __init__(self, artifact: Path, state_dir: Path, extra_env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu", **(extra_env or {})}
+        self.log_path = state_dir.parent / f"server-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
+             "--port", str(self.port), "--state-dir", str(state_dir)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=60.0)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self.client.close()
+        self._log.close()
+
+
+def _rotated_arrays(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """The same catalogue with item table and vectors under one random rotation, perturbed."""
+    rng = np.random.default_rng(seed)
+    dim = arrays["item_table"].shape[1]
+    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    out = dict(arrays)
+    for name in ("item_table", "item_vectors"):
+        rotated = arrays[name] @ rotation
+        noise = rng.standard_normal(rotated.shape) * 0.05 * float(np.std(rotated))
+        out[name] = (rotated + noise).astype(np.float32)
+    return out
+
+
+def _manifest(artifact_manifest: dict[str, Any], note: str) -> dict[str, Any]:
+    keep = {k: v for k, v in artifact_manifest.items()
+            if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    return {**keep, "name": note}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root with the default version copied and a genuine second (rotated) version."""
+    root = tmp_path_factory.mktemp("artifacts")
+    source = list_versions(DEFAULT_ROOT)[-1]  # the version a plain start serves
+    shutil.copytree(DEFAULT_ROOT / source, root / source)
+    base = load_artifact(root / source)
+    save_artifact(root, _rotated_arrays(base.arrays, 0), _manifest(base.manifest, "rotated"),
+                  version=ROTATED)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server on that root; its client sends the admin key."""
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
+    srv = Server(root, tmp_path_factory.mktemp("state") / "s", env)
+    srv.client.headers.update(ADMIN)
+    yield srv
+    srv.stop()
+
+
+def _recs(srv: Server, user: str, k: int = 50) -> dict[str, Any]:
+    r = srv.client.get(f"/v1/recommendations/{user}", params={"k": k})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _ids(body: dict[str, Any]) -> list[str]:
+    return [i["item_id"] for i in body["items"]]
+
+
+def _event(user: str, item: str, kind: str) -> dict[str, str]:
+    return {"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item, "kind": kind}
+
+
+def _history(srv: Server, user: str) -> list[dict[str, Any]]:
+    r = srv.client.get(f"/v1/users/{user}/history", params={"limit": 5000})
+    assert r.status_code == 200, r.text
+    return r.json()["events"]  # type: ignore[no-any-return]
+
+
+def _model(srv: Server) -> dict[str, Any]:
+    r = srv.client.get("/v1/model")
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _admin(srv: Server, action: str, version: str | None = None) -> httpx.Response:
+    body = {} if version is None else {"version": version}
+    path = f"/v1/admin/model/{action}"
+    if action == "rollback":
+        return srv.client.post(path, headers=ADMIN)
+    return srv.client.post(path, json=body, headers=ADMIN)
+
+
+def _assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+
+
+def test_lifecycle(server: Server, root: Path) -> None:
+    """One story in order: list, reload, check users, rollback, then the refusals."""
+    (first,) = [v for v in list_versions(root) if v != ROTATED]
+    model = _model(server)
+    assert model["active"] == first
+    assert model["previous"] is None
+    assert [v["version"] for v in model["versions"]] == [ROTATED, first]
+    assert [v["active"] for v in model["versions"]] == [False, True]
+    assert all(isinstance(v["metrics"], dict) for v in model["versions"])
+
+    # Rollback with nothing to roll back to.
+    _assert_error(_admin(server, "rollback"), 409, "no_previous_version")
+
+    # Users with feedback before the reload: one new, one trained.
+    users = {f"life-{uuid.uuid4().hex}": ["21", "50", "29"], "3": ["7", "10"]}
+    disliked: dict[str, set[str]] = {}
+    for user, liked in users.items():
+        target = _ids(_recs(server, user, 5))[0]
+        events = [_event(user, item, "like") for item in liked] + [_event(user, target, "dislike")]
+        r = server.client.post("/v1/feedback", json=events)
+        assert r.json() == {"accepted": len(events), "duplicates": 0}
+        disliked[user] = {target}
+    before = {u: (_recs(server, u), _history(server, u)) for u in users}
+    for user, (recs, _) in before.items():
+        assert recs["model_version"] == first
+        assert not disliked[user] & set(_ids(recs))
+
+    # Reload to the rotated version.
+    r = _admin(server, "reload", ROTATED)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] == ROTATED
+    assert r.json()["previous"] == first
+    assert server.client.get("/readyz").json()["model_version"] == ROTATED
+    for user, (recs, history) in before.items():
+        now = _recs(server, user)
+        assert now["model_version"] == ROTATED
+        assert now["fallback"] is False
+        assert not disliked[user] & set(_ids(now))
+        assert _history(server, user) == history
+        # The rotation is perturbed, so scores move but the neighbourhood is close.
+        assert [i["score"] for i in now["items"]] != [i["score"] for i in recs["items"]]
+        assert len(set(_ids(now)) & set(_ids(recs))) >= len(recs["items"]) // 2
+    similar = server.client.get("/v1/items/21/similar", params={"k": 5}).json()
+    assert similar["model_version"] == ROTATED
+
+    # Feedback under the new model, then rollback: both events still count.
+    for user in users:
+        r = server.client.post("/v1/feedback", json=[_event(user, "76", "dislike")])
+        assert r.status_code == 200, r.text
+        disliked[user].add("76")
+    r = _admin(server, "rollback")
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] == first
+    assert r.json()["previous"] is None
+    for user, (_, history) in before.items():
+        now = _recs(server, user)
+        assert now["model_version"] == first
+        assert not disliked[user] & set(_ids(now))
+        assert _history(server, user)[1:] == history
+    _assert_error(_admin(server, "rollback"), 409, "no_previous_version")
+
+    # A corrupt version (a flipped byte in one array) is refused; the old model keeps serving.
+    shutil.copytree(root / first, root / CORRUPT)
+    table = root / CORRUPT / "item_vectors.npy"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    table.write_bytes(bytes(data))
+    _assert_error(_admin(server, "reload", CORRUPT), 409, "invalid_artifact")
+    assert _model(server)["active"] == first
+    assert _recs(server, "3")["model_version"] == first
+
+    # A version with another catalogue (same shapes, different item ids) is refused too.
+    base = load_artifact(root / first)
+    arrays = dict(base.arrays)
+    arrays["item_ids"] = np.asarray([f"x{i}" for i in arrays["item_ids"]])
+    save_artifact(root, arrays, _manifest(base.manifest, "other"), version=OTHER_CATALOGUE)
+    r = _admin(server, "reload", OTHER_CATALOGUE)
+    _assert_error(r, 409, "invalid_artifact")
+    assert "catalogue" in r.json()["error"]["message"]
+    # A missing version as well.
+    _assert_error(_admin(server, "reload", "no-such-version"), 409, "invalid_artifact")
+
+    model = _model(server)
+    assert model["active"] == first
+    assert model["previous"] is None
+    assert {v["version"] for v in model["versions"]} == {first, ROTATED, CORRUPT, OTHER_CATALOGUE}
+    for user in users:
+        recs = _recs(server, user)
+        assert recs["model_version"] == first
+        assert not disliked[user] & set(_ids(recs))
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_reload_without_body_takes_newest(server: Server, root: Path) -> None:
+    """A bare reload loads the newest version on disk (here: the one already active)."""
+    newest = list_versions(root)[-1]
+    r = server.client.post("/v1/admin/model/reload", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] == newest
+    _assert_error(
+        server.client.post("/v1/admin/model/reload", content=b"{", headers=ADMIN),
+        400,
+        "malformed_json",
+    )
+    _assert_error(
+        server.client.post("/v1/admin/model/reload", json={"version": 3}, headers=ADMIN),
+        422,
+        "invalid_body",
+    )
