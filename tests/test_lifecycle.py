@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.artifacts import list_versions, load_artifact, save_artifact
-from tests.test_service import START_TIMEOUT, _free_port
+from tests.test_service import Server
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / "model_artifacts" / "default"
@@ -29,39 +24,9 @@ OTHER_CATALOGUE = "19980101T000000000Z"
 ADMIN = {"x-api-key": "k-admin"}
 
 
-class Server:
+def _server(artifact: Path, state_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
     """A `signedrec serve` subprocess on a given artifact root and state dir."""
-
-    def __init__(self, artifact: Path, state_dir: Path, extra_env: dict[str, str] | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu", **(extra_env or {})}
-        self.log_path = state_dir.parent / f"server-{self.port}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
-             "--port", str(self.port), "--state-dir", str(state_dir)],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=60.0)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        self.client.close()
-        self._log.close()
+    return Server(state_dir, extra_env, artifact=artifact, timeout=60.0)
 
 
 def _rotated_arrays(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -99,7 +64,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real server on that root; its client sends the admin key."""
     env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
-    srv = Server(root, tmp_path_factory.mktemp("state") / "s", env)
+    srv = _server(root, tmp_path_factory.mktemp("state") / "s", env)
     srv.client.headers.update(ADMIN)
     yield srv
     srv.stop()

@@ -31,7 +31,13 @@ def _free_port() -> int:
 class Server:
     """A `signedrec serve` subprocess on a free loopback port."""
 
-    def __init__(self, state_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        extra_env: dict[str, str] | None = None,
+        artifact: Path = ARTIFACT,
+        timeout: float = 30.0,
+    ) -> None:
         self.state_dir = state_dir
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,11 +45,11 @@ class Server:
         self.log_path = state_dir.parent / f"server-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(ARTIFACT),
+            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
              "--port", str(self.port), "--state-dir", str(state_dir)],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+        self.client = httpx.Client(base_url=self.url, timeout=timeout)
         self.wait_ready()
 
     def wait_ready(self) -> None:
