@@ -196,6 +196,42 @@ class CpuMeter:
         return me.ru_utime + me.ru_stime, srv.user + srv.system
 
 
+class OtherCpu:
+    """CPU that processes other than this benchmark and its servers used during a phase."""
+
+    def __init__(self) -> None:
+        self.server: psutil.Process | None = None
+        self._start = self._read()
+        self._wall = time.perf_counter()
+
+    def _read(self) -> tuple[float, float, float]:
+        """(busy CPU s of the whole machine, CPU s of ours, steal s)."""
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # servers already waited for
+        ours = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        if self.server is not None and self.server.is_running():
+            with contextlib.suppress(psutil.Error):
+                c = self.server.cpu_times()
+                ours += c.user + c.system
+        return busy, ours, getattr(t, "steal", 0.0)
+
+    def track(self, pid: int) -> OtherCpu:
+        """Count a running server as ours (call at phase start, before it is stopped)."""
+        self.server = psutil.Process(pid)
+        self._start = self._read()
+        return self
+
+    def cores(self) -> dict[str, float]:
+        """Average cores used by others, and stolen by the hypervisor, since the start."""
+        busy, ours, steal = self._read()
+        wall = max(time.perf_counter() - self._wall, 1e-9)
+        b0, o0, s0 = self._start
+        other = max(0.0, (busy - b0) - (ours - o0))
+        return {"other_cores": round(other / wall, 2), "steal_cores": round((steal - s0) / wall, 2)}
+
+
 # -- request generators ------------------------------------------------------------------------
 class Workload:
     """Seeded request makers for the three endpoints under test."""
@@ -656,6 +692,13 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         f"Python {m['python']}. State dirs on {m['state_fs']}. Code: {m['git']}.  ",
         f"Load average (1/5/15 min) at start {m['load_start']}, at end {m['load_end']}; "
         f"per phase: {', '.join(f'{k} {v}' for k, v in m['load_phases'].items())}.  ",
+        "CPU used by other processes during each phase (average cores of the "
+        f"{m['cpu_count']}; 0 = the machine was ours): "
+        + ", ".join(
+            f"{k} {v['other_cores']:.2f} (steal {v['steal_cores']:.2f})"
+            for k, v in m["other_cpu"].items()
+        )
+        + ".  ",
         "Client and server share the same cores; latency is client-side wall clock per request "
         "over loopback keep-alive connections, so it includes the client's own overhead — "
         "`/healthz` in the same run is that floor. Concurrency 1 uses one `httpx.Client`; "
@@ -828,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     users, items = artifact_ids(args.artifact)
     phases: dict[str, list[float]] = {"start": load_avg()}
+    foreign: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {
         "command": command.strip(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -856,24 +900,30 @@ def main(argv: list[str] | None = None) -> int:
             work = Workload(users, items, args.seed, f"{os.getpid()}-{int(time.time())}")
             phases["latency c=1"] = load_avg()
             meter = CpuMeter(server.proc.pid)
+            others = OtherCpu().track(server.proc.pid)
             c1 = bench_concurrency_1(
                 server.url, work, args.requests, args.warmup, args.rounds, meter
             )
+            foreign["latency c=1"] = others.cores()
             for name, r in c1.items():
                 progress(f"c=1 {name}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
             phases[f"latency c={args.concurrency}"] = load_avg()
+            others = OtherCpu().track(server.proc.pid)
             cn = bench_concurrency_n(
                 server.url, work, args.concurrent_requests, args.concurrency, args.client, meter
             )
+            foreign[f"latency c={args.concurrency}"] = others.cores()
             results["latency"] = {"c1": c1, "cn": cn}
             results["default_after_load_mb"] = server.rss_mb()
         finally:
             server.stop()
         # 3. replay.
         phases["replay"] = load_avg()
+        others = OtherCpu()
         results["replay"] = bench_replay(
             args.artifact, work_dir, users, items, args.replay_events, args.seed
         )
+        foreign["replay"] = others.cores()
         # 4. idle RSS of a kuairand artifact.
         if args.kuairand_artifact is not None:
             phases["kuairand rss"] = load_avg()
@@ -897,12 +947,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_start": phases["start"],
         "load_end": phases["end"],
         "load_phases": {k: v for k, v in phases.items() if k not in ("start", "end")},
+        "other_cpu": foreign,
     }
     results["bars"] = bars(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_plot(args.out / "service.png", results)
     write_markdown(args.out / "service.md", results)
     (args.out / "service.json").write_text(json.dumps(strip_samples(results), indent=2) + "\n")
+    progress(f"CPU of other processes (cores): {foreign}")
     for bar in results["bars"]:
         progress(f"{verdict(bar['passed'])}: {bar['bar']} ({bar['value']})")
     progress(f"wrote {args.out / 'service.md'}, service.json, service.png")
