@@ -32,15 +32,6 @@ _OVERSAMPLE = 16  # randomised SVD oversampling and power iterations
 _POWER_ITERS = 4
 
 
-def _column_block(adj: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Dense columns [start, stop) of a sparse CSR matrix."""
-    return (
-        adj.to_dense()[:, start:stop]
-        if adj.shape[0] * adj.shape[1] < 1 << 22
-        else (torch.index_select(adj.to_sparse_coo(), 1, torch.arange(start, stop)).to_dense())
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Hyper:
     """One point of the hyper-parameter space."""
@@ -137,13 +128,12 @@ class SignedGraphModel:
         if self._p_norm is None:
             adj = self._normalised_adjacency()
             adj_t = adj.t().coalesce().to_sparse_csr()
-            adj_csc = adj.to_sparse_csr()
             n = self.graph.n_items
             p = torch.empty((n, n), dtype=self.dtype)
             # R~^T R~ one block of item columns at a time, so the dense block stays small.
             for start in range(0, n, _BLOCK):
                 stop = min(start + _BLOCK, n)
-                block = _column_block(adj_csc, start, stop)
+                block = torch.index_select(adj, 1, torch.arange(start, stop)).to_dense()
                 p[:, start:stop] = spmm(adj_t, block).to(self.dtype)
             self._p_norm = p
         return self._p_norm
