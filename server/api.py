@@ -19,7 +19,6 @@ from litestar.params import Parameter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 import kernels
-from server import snapshot
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
 from server.batcher import MicroBatcher
@@ -274,7 +273,7 @@ class Service:
         self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
         self.previous: list[str] = []
         self.swapping = asyncio.Lock()
-        self.snapshotting: asyncio.Task[Path] | None = None
+        self.snapshotting: asyncio.Task[bool] | None = None
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
@@ -498,9 +497,7 @@ async def _feedback(
             # Built here (consistent with the log), encoded and fsync'd off the event loop.
             snap = state.take_snapshot()
             state.since_snapshot = 0
-            service.snapshotting = asyncio.create_task(
-                asyncio.to_thread(snapshot.write, state.state_dir, snap)
-            )
+            service.snapshotting = asyncio.create_task(asyncio.to_thread(state.save_snapshot, snap))
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)

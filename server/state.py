@@ -217,9 +217,18 @@ class LiveState:
 
     def write_snapshot(self) -> None:
         """Take and write a snapshot now."""
-        snapshot.write(self.state_dir, self.take_snapshot())
-        self.since_snapshot = 0
-        log.info("snapshot written at seq %d", self.applied_seq)
+        if self.save_snapshot(self.take_snapshot()):
+            self.since_snapshot = 0
+
+    def save_snapshot(self, snap: snapshot.Snapshot) -> bool:
+        """Write a snapshot; a failure (disk full) only costs replay time later, so it is logged."""
+        try:
+            snapshot.write(self.state_dir, snap)
+        except OSError as exc:
+            log.warning("snapshot at seq %d not written: %s", snap.seq, exc)
+            return False
+        log.info("snapshot written at seq %d", snap.seq)
+        return True
 
     def restore(self, snap: snapshot.Snapshot) -> None:
         """Load a snapshot taken under the same artifact version."""
