@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,8 @@ import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import Parameter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -153,6 +156,67 @@ class ReloadIn(Base):
 
 
 FEEDBACK_DECODER = msgspec.json.Decoder(FeedbackIn | list[FeedbackIn])
+
+
+# -- OpenAPI documentation of what the raw-body handlers accept and every error they answer -----
+def _text(max_length: int = 512) -> Schema:
+    return Schema(type=OpenAPIType.STRING, min_length=1, max_length=max_length)
+
+
+_NUMBER_OR_NULL = Schema(one_of=[Schema(type=OpenAPIType.NUMBER), Schema(type=OpenAPIType.NULL)])
+_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["event_id", "user_id", "item_id", "kind"],
+    properties={
+        "event_id": _text(),
+        "user_id": _text(),
+        "item_id": _text(),
+        "kind": Schema(type=OpenAPIType.STRING, enum=["like", "dislike", "skip", "rating"]),
+        "value": _NUMBER_OR_NULL,
+        "ts": _NUMBER_OR_NULL,
+    },
+    additional_properties=False,
+)
+_BODIES: dict[str, Schema] = {
+    "feedback": Schema(one_of=[_EVENT, Schema(type=OpenAPIType.ARRAY, items=_EVENT, min_items=1)]),
+    "reload": Schema(
+        type=OpenAPIType.OBJECT,
+        properties={"version": Schema(one_of=[_text(), Schema(type=OpenAPIType.NULL)])},
+        additional_properties=False,
+    ),
+}
+
+
+@dataclass
+class FeedbackOperation(Operation):
+    """The feedback route's operation, with the body its handler decodes itself."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=_BODIES["feedback"])},
+            required=True,
+        )
+
+
+@dataclass
+class ReloadOperation(Operation):
+    """The reload route's operation, with its optional body."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=_BODIES["reload"])}
+        )
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {
+        code: ResponseSpec(ErrorOut, generate_examples=False, description="the one error shape")
+        for code in codes
+    }
+
+
+READ_ERRORS = _errors(400, 401, 403, 404, 422, 429, 503)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422, 429, 503)
 RELOAD_DECODER = msgspec.json.Decoder(ReloadIn)
 
 
@@ -397,7 +461,7 @@ def metrics(request: Request) -> Response:
     )
 
 
-@get("/v1/recommendations/{user_id:str}")
+@get("/v1/recommendations/{user_id:str}", responses=READ_ERRORS)
 async def recommendations(
     request: Request,
     user_id: str,
@@ -435,7 +499,7 @@ async def recommendations(
     )
 
 
-@post("/v1/feedback", status_code=200)
+@post("/v1/feedback", status_code=200, responses=WRITE_ERRORS, operation_class=FeedbackOperation)
 async def feedback(request: Request) -> FeedbackOut:
     """Log events durably (group-commit fsync), then apply them; repeats are acknowledged."""
     started = time.perf_counter()
@@ -503,7 +567,7 @@ async def _feedback(
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
 
 
-@get("/v1/users/{user_id:str}/history")
+@get("/v1/users/{user_id:str}/history", responses=READ_ERRORS)
 async def history(request: Request, user_id: str, limit: int | None = None) -> HistoryOut:
     """The user's signed feedback, newest first."""
     service = _service(request)
@@ -521,7 +585,7 @@ async def history(request: Request, user_id: str, limit: int | None = None) -> H
     return HistoryOut(user_id=user_id, events=[HistoryEvent(*row) for row in rows])
 
 
-@get("/v1/items/{item_id:str}/similar")
+@get("/v1/items/{item_id:str}/similar", responses=READ_ERRORS)
 async def similar(
     request: Request, item_id: str, k: Annotated[int, Parameter(ge=1, le=10_000)] = 20
 ) -> SimilarOut:
@@ -539,7 +603,7 @@ async def similar(
     )
 
 
-@get("/v1/model")
+@get("/v1/model", responses=READ_ERRORS)
 async def model(request: Request) -> ModelOut:
     """The active model version, the rollback target, and every version with its metrics."""
     service = _service(request)
@@ -547,7 +611,12 @@ async def model(request: Request) -> ModelOut:
     return service.describe()
 
 
-@post("/v1/admin/model/reload", status_code=200)
+@post(
+    "/v1/admin/model/reload",
+    status_code=200,
+    responses=WRITE_ERRORS,
+    operation_class=ReloadOperation,
+)
 async def reload_model(request: Request) -> ModelOut:
     """Swap in the newest (or a named) version while requests keep flowing."""
     service = _service(request)
@@ -563,7 +632,7 @@ async def reload_model(request: Request) -> ModelOut:
     return service.describe()
 
 
-@post("/v1/admin/model/rollback", status_code=200)
+@post("/v1/admin/model/rollback", status_code=200, responses=WRITE_ERRORS)
 async def rollback_model(request: Request) -> ModelOut:
     """Go back to the version that was active before the last reload."""
     service = _service(request)

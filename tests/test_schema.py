@@ -36,9 +36,10 @@ OPERATIONS = [
     ("POST", "/v1/admin/model/reload"),
     ("POST", "/v1/admin/model/rollback"),
 ]
-# Operations with inputs in the schema (path or query parameters): the only ones for which
-# schema-violating (negative) cases exist.
-WITH_INPUTS = [op for op in OPERATIONS if "{" in op[1]]
+# Operations with inputs in the schema (path parameters or a request body): the only ones for
+# which schema-violating (negative) cases exist.
+WITH_BODY = {("POST", "/v1/feedback"), ("POST", "/v1/admin/model/reload")}
+WITH_INPUTS = [op for op in OPERATIONS if "{" in op[1] or op in WITH_BODY]
 CASES = [(GenerationMode.POSITIVE, *op) for op in OPERATIONS] + [
     (GenerationMode.NEGATIVE, *op) for op in WITH_INPUTS
 ]
@@ -99,8 +100,8 @@ def _assert_error_shape(status: int, body: Any) -> None:
     assert isinstance(body["error"]["detail"], dict), (status, body)
 
 
-# The schema has no request body for POST /v1/feedback (the handler reads the raw body), so the
-# schema-driven cases above post nothing there. These bodies cover it directly.
+# Beyond the schema-driven cases: arbitrary feedback bodies (bad ids, bad kinds, odd text) aimed
+# at the raw-body decoder the handler uses.
 IDS = st.one_of(st.sampled_from(["", "1", "21", "3", "nope", "u-1"]), st.text(max_size=8))
 EVENTS = st.fixed_dictionaries(
     {"event_id": IDS, "user_id": IDS, "item_id": IDS},
