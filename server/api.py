@@ -465,7 +465,7 @@ def metrics(request: Request) -> Response:
 async def recommendations(
     request: Request,
     user_id: str,
-    k: Annotated[int, Parameter(ge=1, le=10_000)] = 20,
+    k: Annotated[int | None, Parameter(ge=1)] = None,
     include_liked: bool = False,
 ) -> RecommendationsOut:
     """Top-K for a user: no items they gave feedback on, dislike look-alikes pushed down."""
@@ -474,10 +474,8 @@ async def recommendations(
     state = service.live()
     identity = service.guard.check("read", request.headers, _client(request))
     service.limiter.take(identity)
-    if k > state.config.ranking.max_k:
-        raise InvalidRequestError(
-            f"k must be between 1 and {state.config.ranking.max_k}", {"field": "k", "value": k}
-        )
+    k = state.config.ranking.default_k if k is None else k
+    state.check_k(k)
     if service.inflight.over():
         # Degrade rather than queue: the popularity list costs nothing to serve.
         service.metrics.shed.labels("recommendations").inc()
@@ -587,13 +585,14 @@ async def history(request: Request, user_id: str, limit: int | None = None) -> H
 
 @get("/v1/items/{item_id:str}/similar", responses=READ_ERRORS)
 async def similar(
-    request: Request, item_id: str, k: Annotated[int, Parameter(ge=1, le=10_000)] = 20
+    request: Request, item_id: str, k: Annotated[int | None, Parameter(ge=1)] = None
 ) -> SimilarOut:
     """Nearest items by cosine of the model's item vectors."""
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
     service.limiter.take(service.guard.check("read", request.headers, _client(request)))
+    k = state.config.ranking.default_k if k is None else k
     items, scores = state.similar(item_id, k)
     return SimilarOut(
         item_id=item_id,

@@ -26,11 +26,6 @@ class SignedGraph:
         """Positive degree of each user."""
         return np.diff(self.pos_indptr)
 
-    @property
-    def neg_degree(self) -> np.ndarray:
-        """Negative degree of each user."""
-        return np.diff(self.neg_indptr)
-
     def item_degrees(self) -> tuple[np.ndarray, np.ndarray]:
         """Positive and negative degree of each item."""
         return (

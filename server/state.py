@@ -109,7 +109,6 @@ class LiveState:
         self.applied_seq = 0
         self.since_snapshot = 0
         self.log: EventLog | None = None
-        self.open_report: OpenReport | None = None
         self._weights = config.events
 
     # -- construction ------------------------------------------------------------------------
@@ -165,7 +164,6 @@ class LiveState:
     def open_log(self) -> OpenReport:
         """Open the event log, restore the snapshot if it fits, replay what follows it."""
         self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
-        self.open_report = report
         after = int(self.item_side.artifact.manifest.get("watermark", 0))
         started = time.perf_counter()
         snap = snapshot.read(self.state_dir, self.item_side.version)
@@ -392,14 +390,18 @@ class LiveState:
             feedback.negative_cache = np.ascontiguousarray(negatives[-recent:][::-1])
         return feedback.seen_cache, feedback.negative_cache
 
-    def recommend_many(
-        self, user_ids: Sequence[str], k: int, include_liked: bool = False
-    ) -> list[Recommendation]:
-        """Recommendations for a batch of users: one FAISS search and one kernel call."""
+    def check_k(self, k: int) -> None:
+        """Refuse a list length outside 1..ranking.max_k."""
         if not 1 <= k <= self.config.ranking.max_k:
             raise InvalidRequestError(
                 f"k must be between 1 and {self.config.ranking.max_k}", {"field": "k", "value": k}
             )
+
+    def recommend_many(
+        self, user_ids: Sequence[str], k: int, include_liked: bool = False
+    ) -> list[Recommendation]:
+        """Recommendations for a batch of users: one FAISS search and one kernel call."""
+        self.check_k(k)
         known: list[int] = []
         positions: list[int] = []
         out: list[Recommendation | None] = [None] * len(user_ids)
@@ -449,10 +451,7 @@ class LiveState:
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:
         """Nearest items by cosine of item vectors, the item itself left out."""
-        if not 1 <= k <= self.config.ranking.max_k:
-            raise InvalidRequestError(
-                f"k must be between 1 and {self.config.ranking.max_k}", {"field": "k", "value": k}
-            )
+        self.check_k(k)
         item = self.item_side.items.get(item_id)
         if item is None:
             raise UnknownItemError(f"item {item_id!r} is not in model {self.item_side.version}",

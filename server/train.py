@@ -81,7 +81,6 @@ def _axes(config: ModelConfig) -> list[tuple[str, tuple[Any, ...]]]:
 
 
 def search(
-    model: SignedGraphModel,
     score: Callable[[Hyper], dict[str, float]],
     config: ModelConfig,
     out: TextIO,
@@ -253,7 +252,7 @@ def fit(
         return evaluate_scores(lambda u: z[u] @ operator, valid_truth, masked)
 
     if fixed is None:
-        best, _, trials = search(model, score, config, out)
+        best, _, trials = search(score, config, out)
     else:
         best, trials = fixed, []
         print(f"fixed hyper-parameters {best.as_dict()} (no search)", file=out, flush=True)
