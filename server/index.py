@@ -23,6 +23,13 @@ def gpu_count() -> tuple[int, str]:
     return (count, "") if count > 0 else (0, "no GPU visible to faiss")
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Cap FAISS's OpenMP pool for CPU searches (0 keeps its default); process-wide."""
+    if threads > 0 and faiss.omp_get_max_threads() != threads:
+        faiss.omp_set_num_threads(threads)
+        log.info("faiss CPU searches use %d OpenMP thread(s)", threads)
+
+
 class ItemIndex:
     """One FAISS index over a fixed item matrix; ids are the dense item indices."""
 
@@ -30,6 +37,7 @@ class ItemIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size, self.dim = vectors.shape
         self.kind = config.kind
+        set_cpu_threads(config.cpu_threads)
         cpu_index = self._build_cpu(vectors, config)
         self.device = "cpu"
         self._gpu_resources = None

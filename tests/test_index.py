@@ -1,0 +1,59 @@
+"""The FAISS item index: exact flat search agrees with brute force, and its CPU thread setting."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.config import IndexConfig, load_config
+from server.errors import ConfigError
+from server.index import ItemIndex
+
+CPU_FLAT = IndexConfig(kind="flat", device="cpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    dim=st.integers(1, 48),
+    queries=st.integers(1, 40),
+    k=st.integers(1, 400),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_flat_search_is_exact(n: int, dim: int, queries: int, k: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    scores, ids = ItemIndex(vectors, CPU_FLAT).search(q, k)
+    expected = q @ vectors.T
+    kept = min(k, n)
+    assert scores.shape == ids.shape == (queries, kept)
+    # Same scores as brute force, best first; ids point at rows with those scores.
+    want = -np.sort(-expected, axis=1)[:, :kept]
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(expected, ids, 1), scores, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_threads_caps_faiss_openmp() -> None:
+    before = faiss.omp_get_max_threads()
+    try:
+        ItemIndex(np.eye(4, dtype=np.float32), IndexConfig(device="cpu", cpu_threads=1))
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_cpu_threads_zero_keeps_faiss_default() -> None:
+    before = faiss.omp_get_max_threads()
+    ItemIndex(np.eye(4, dtype=np.float32), IndexConfig(device="cpu", cpu_threads=0))
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_cpu_threads_from_env_and_rejected_when_negative() -> None:
+    config = load_config(env={"SIGNEDREC_INDEX__CPU_THREADS": "3"})
+    assert config.index.cpu_threads == 3
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        load_config(env={"SIGNEDREC_INDEX__CPU_THREADS": "-1"})
