@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ import kernels
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
 from server.batcher import MicroBatcher
-from server.config import Base, Config, load_config
+from server.config import Base, Config, ServerConfig, load_config
 from server.errors import (
     ArtifactError,
     ForbiddenError,
@@ -41,6 +42,7 @@ from server.errors import (
     UnknownUserError,
 )
 from server.events import NewEvent
+from server.index import set_cpu_threads
 from server.state import ItemSide, LiveState, Recommendation
 
 log = logging.getLogger("signedrec.api")
@@ -65,6 +67,9 @@ class FeedbackOut(Base):
 
     accepted: int
     duplicates: int
+
+
+RESPONSE_ENCODER = msgspec.json.Encoder()
 
 
 class ScoredItem(Base):
@@ -352,6 +357,7 @@ class Service:
 
     async def start(self) -> None:
         """Load in a worker thread so /healthz answers while the log replays."""
+        set_cpu_threads(self.config.index.cpu_threads)  # searches run on this (the loop) thread
         state = await asyncio.to_thread(self.load)
         if state.log is not None:
             state.log.on_commit = lambda seconds, _n: self.metrics.fsync.observe(seconds)
@@ -360,6 +366,7 @@ class Service:
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.events.inc(state.events_applied)
         self.state = state
+        tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
 
     async def switch(self, version: str | None, rollback: bool = False) -> None:
@@ -422,6 +429,16 @@ class Service:
         return self.state
 
 
+def tune_gc(config: ServerConfig) -> None:
+    """Freeze what loading built and space out young collections (see ServerConfig)."""
+    if config.gc_freeze_after_load:
+        gc.collect()
+        gc.freeze()
+    if config.gc_threshold0 > 0:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(config.gc_threshold0, gen1, gen2)
+
+
 def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
@@ -467,7 +484,7 @@ async def recommendations(
     user_id: str,
     k: Annotated[int | None, Parameter(ge=1)] = None,
     include_liked: bool = False,
-) -> RecommendationsOut:
+) -> Response[RecommendationsOut]:
     """Top-K for a user: no items they gave feedback on, dislike look-alikes pushed down."""
     started = time.perf_counter()
     service = _service(request)
@@ -488,13 +505,15 @@ async def recommendations(
             service.inflight.current -= 1
     took = (time.perf_counter() - started) * 1000.0
     service.metrics.latency.labels("recommendations").observe(took / 1000.0)
-    return RecommendationsOut(
+    body = RecommendationsOut(
         user_id=user_id,
         model_version=result.version,
         items=[ScoredItem(i, s) for i, s in zip(result.items, result.scores, strict=True)],
         took_ms=round(took, 3),
         fallback=result.fallback,
     )
+    # Encoded here with one reused encoder: the hottest route skips litestar's serialisation hooks.
+    return Response(RESPONSE_ENCODER.encode(body), media_type=MediaType.JSON)
 
 
 @post("/v1/feedback", status_code=200, responses=WRITE_ERRORS, operation_class=FeedbackOperation)

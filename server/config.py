@@ -119,6 +119,11 @@ class ServerConfig(Base):
     history_max_limit: int = 5000
     state_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Garbage collector: once loaded, the state's containers are frozen out of collections, and
+    # the youngest generation is collected every this many net allocations (CPython: 700),
+    # because each request allocates hundreds of short-lived framework objects.
+    gc_freeze_after_load: bool = True
+    gc_threshold0: Annotated[int, msgspec.Meta(ge=0)] = 20_000
 
 
 class AccessConfig(Base):

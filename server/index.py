@@ -24,7 +24,11 @@ def gpu_count() -> tuple[int, str]:
 
 
 def set_cpu_threads(threads: int) -> None:
-    """Cap FAISS's OpenMP pool for CPU searches (0 keeps its default); process-wide."""
+    """Cap FAISS's OpenMP pool for CPU searches made from the calling thread (0: its default).
+
+    OpenMP keeps this setting per thread, so it must run on the thread that searches (the
+    server's event loop), not the one that builds the index.
+    """
     if threads > 0 and faiss.omp_get_max_threads() != threads:
         faiss.omp_set_num_threads(threads)
         log.info("faiss CPU searches use %d OpenMP thread(s)", threads)
@@ -37,7 +41,6 @@ class ItemIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size, self.dim = vectors.shape
         self.kind = config.kind
-        set_cpu_threads(config.cpu_threads)
         cpu_index = self._build_cpu(vectors, config)
         self.device = "cpu"
         self._gpu_resources = None

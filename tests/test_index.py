@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import faiss
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from server.config import IndexConfig, load_config
 from server.errors import ConfigError
-from server.index import ItemIndex
+from server.index import ItemIndex, set_cpu_threads
 
 CPU_FLAT = IndexConfig(kind="flat", device="cpu")
 
@@ -37,18 +39,29 @@ def test_flat_search_is_exact(n: int, dim: int, queries: int, k: int, seed: int)
     np.testing.assert_allclose(np.take_along_axis(expected, ids, 1), scores, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_threads_caps_faiss_openmp() -> None:
-    before = faiss.omp_get_max_threads()
+def _in_new_thread() -> int:
+    seen: list[int] = []
+    other = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))
+    other.start()
+    other.join()
+    return seen[0]
+
+
+def test_cpu_threads_caps_faiss_openmp_on_the_calling_thread() -> None:
+    before, default = faiss.omp_get_max_threads(), _in_new_thread()
     try:
-        ItemIndex(np.eye(4, dtype=np.float32), IndexConfig(device="cpu", cpu_threads=1))
+        set_cpu_threads(1)
         assert faiss.omp_get_max_threads() == 1
+        # OpenMP keeps the setting per thread: another thread still sees the default, which is
+        # why the server applies it on its event-loop thread rather than the loading thread.
+        assert _in_new_thread() == default
     finally:
         faiss.omp_set_num_threads(before)
 
 
 def test_cpu_threads_zero_keeps_faiss_default() -> None:
     before = faiss.omp_get_max_threads()
-    ItemIndex(np.eye(4, dtype=np.float32), IndexConfig(device="cpu", cpu_threads=0))
+    set_cpu_threads(0)
     assert faiss.omp_get_max_threads() == before
 
 
