@@ -325,6 +325,10 @@ class Metrics:
         self.shed = Counter(
             "signedrec_shed_total", "Requests shed over the in-flight bound", ["route"], registry=r
         )
+        self.batch = Histogram(
+            "signedrec_ranking_batch_size", "Recommendation requests ranked per FAISS search",
+            registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )  # fmt: skip
 
 
 # -- app -------------------------------------------------------------------------------------
@@ -361,7 +365,7 @@ class Service:
         state = await asyncio.to_thread(self.load)
         if state.log is not None:
             state.log.on_commit = lambda seconds, _n: self.metrics.fsync.observe(seconds)
-        self.batcher = MicroBatcher(state.recommend_many)
+        self.batcher = MicroBatcher(state.recommend_many, on_batch=self.metrics.batch.observe)
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.events.inc(state.events_applied)

@@ -18,8 +18,10 @@ class MicroBatcher(Generic[Result]):
         self,
         run: Callable[[Sequence[str], int, bool], list[Result]],
         max_batch: int = 256,
+        on_batch: Callable[[int], object] | None = None,
     ) -> None:
         self._run = run
+        self._on_batch = on_batch
         self._max_batch = max_batch
         self._pending: list[tuple[Key, asyncio.Future[Result]]] = []
         self._scheduled = False
@@ -46,6 +48,8 @@ class MicroBatcher(Generic[Result]):
         for (user_id, k, include_liked), future in pending:
             groups.setdefault((k, include_liked), []).append((user_id, future))
         for (k, include_liked), members in groups.items():
+            if self._on_batch is not None:
+                self._on_batch(len(members))
             try:
                 results = self._run([m[0] for m in members], k, include_liked)
             except Exception as exc:  # delivered to every waiter, who maps it to a response

@@ -72,6 +72,9 @@ class RankingConfig(Base):
     max_k: int = 200
     candidate_multiplier: int = 4
     candidate_min: int = 100
+    # Extra candidates fetched for the user's seen (excluded) items; a longer history is fetched
+    # to its own length in a second search for that user alone.
+    exclusion_pad: Annotated[int, msgspec.Meta(ge=0)] = 64
     # None: use the strength validated at training time and stored in the artifact.
     suppression_gamma: float | None = None
     suppression_recent: int = 50

@@ -26,9 +26,33 @@ class Ragged:
         ids = np.concatenate(lists).astype(np.int32, copy=False) if lists else np.empty(0, np.int32)
         return cls(indptr, np.ascontiguousarray(ids, dtype=np.int32))
 
-    def longest(self) -> int:
-        """The longest list's length."""
-        return int(np.diff(self.indptr).max()) if len(self.indptr) > 1 else 0
+
+def candidates(
+    index: ItemIndex, queries: np.ndarray, seen: np.ndarray, k: int, config: RankingConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS candidates per row: its pool is the top ``base + max(pad, seen)`` items.
+
+    ``base`` unseen candidates always remain after exclusion. The common search covers the pad;
+    only rows whose history is longer are searched again to their own depth, so one heavy user
+    no longer deepens the search (and its heap work) for every request batched with it, and a
+    user's pool does not depend on who shares the batch.
+    """
+    base = max(config.candidate_min, k * config.candidate_multiplier)
+    pool = base + np.maximum(seen, config.exclusion_pad)
+    common = min(base + config.exclusion_pad, index.size)
+    scores, ids = index.search(queries, common)
+    heavy = np.flatnonzero(pool > common)
+    if heavy.size == 0:
+        return scores, ids
+    depth = int(min(pool[heavy].max(), index.size))
+    deep_scores, deep_ids = index.search(np.ascontiguousarray(queries[heavy]), depth)
+    wide_scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    wide_ids = np.full((len(queries), depth), -1, dtype=np.int64)
+    wide_scores[:, : scores.shape[1]], wide_ids[:, : ids.shape[1]] = scores, ids
+    wide_scores[heavy], wide_ids[heavy] = deep_scores, deep_ids
+    beyond = np.arange(depth)[None, :] >= pool[:, None]
+    wide_ids[beyond] = -1
+    return wide_scores, wide_ids
 
 
 def rank(
@@ -42,8 +66,7 @@ def rank(
     config: RankingConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (ids int32, scores float32) per query row after exclusion and suppression."""
-    wanted = max(config.candidate_min, k * config.candidate_multiplier) + excluded.longest()
-    scores, ids = index.search(queries, min(wanted, index.size))
+    scores, ids = candidates(index, queries, np.diff(excluded.indptr), k, config)
     # Scores are relative to each query's best candidate, so gamma means the same for every
     # user regardless of how much history (and so vector norm) they have.
     top = np.abs(scores[:, :1])

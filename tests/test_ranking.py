@@ -1,0 +1,69 @@
+"""Candidate retrieval and ranking against brute force: pools, exclusion, batch independence."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.config import IndexConfig, RankingConfig
+from server.index import ItemIndex
+from server.ranking import Ragged, candidates, rank
+
+SMALL = RankingConfig(candidate_min=6, candidate_multiplier=2, exclusion_pad=4)
+
+
+def _setup(seed: int, n_items: int, n_queries: int, dim: int = 8):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    index = ItemIndex(vectors, IndexConfig(kind="flat", device="cpu"))
+    return rng, vectors, queries, index
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_items=st.integers(1, 80),
+    n_queries=st.integers(1, 12),
+    k=st.integers(1, 10),
+    data=st.data(),
+)
+def test_each_row_gets_exactly_its_own_pool(
+    seed: int, n_items: int, n_queries: int, k: int, data: st.DataObject
+) -> None:
+    _, vectors, queries, index = _setup(seed, n_items, n_queries)
+    seen = np.array(data.draw(st.lists(st.integers(0, 40), min_size=n_queries,
+                                       max_size=n_queries)))  # fmt: skip
+    scores, ids = candidates(index, queries, seen, k, SMALL)
+    base = max(SMALL.candidate_min, k * SMALL.candidate_multiplier)
+    exact = queries @ vectors.T
+    for row in range(n_queries):
+        pool = min(base + max(int(seen[row]), SMALL.exclusion_pad), n_items)
+        got = ids[row][ids[row] >= 0]
+        assert len(got) == pool  # a heavy row is fetched to its own depth, no deeper
+        # The pool is the top `pool` items by exact score (ties may swap which ids).
+        want = np.sort(exact[row])[::-1][:pool]
+        np.testing.assert_allclose(np.sort(exact[row, got])[::-1], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(scores[row][ids[row] >= 0], exact[row, got], rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 8))
+def test_a_users_ranking_does_not_depend_on_its_batch(seed: int, k: int) -> None:
+    rng, vectors, queries, index = _setup(seed, 60, 6)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Row 0 is a heavy user whose history is longer than the pad; the others are light.
+    lengths = [30, 1, 2, 0, 3, 1]
+    seen = [np.sort(rng.choice(60, size=n, replace=False)).astype(np.int32) for n in lengths]
+    disliked = [s[: len(s) // 2] for s in seen]
+    batch_ids, batch_scores = rank(index, unit, queries, Ragged.from_lists(seen),
+                                   Ragged.from_lists(disliked), k, 0.3, SMALL)  # fmt: skip
+    for row in range(len(lengths)):
+        ids, scores = rank(index, unit, queries[row : row + 1], Ragged.from_lists([seen[row]]),
+                           Ragged.from_lists([disliked[row]]), k, 0.3, SMALL)  # fmt: skip
+        np.testing.assert_array_equal(batch_ids[row], ids[0])
+        np.testing.assert_allclose(batch_scores[row], scores[0], rtol=1e-6)
+        assert not set(ids[0][ids[0] >= 0].tolist()) & set(seen[row].tolist())
+        assert (ids[0] >= 0).sum() == k  # always k results: enough unseen candidates remain
