@@ -40,19 +40,20 @@ def candidates(
     base = max(config.candidate_min, k * config.candidate_multiplier)
     pool = base + np.maximum(seen, config.exclusion_pad)
     common = min(base + config.exclusion_pad, index.size)
-    scores, ids = index.search(queries, common)
-    heavy = np.flatnonzero(pool > common)
-    if heavy.size == 0:
-        return scores, ids
-    depth = int(min(pool[heavy].max(), index.size))
-    deep_scores, deep_ids = index.search(np.ascontiguousarray(queries[heavy]), depth)
-    wide_scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
-    wide_ids = np.full((len(queries), depth), -1, dtype=np.int64)
-    wide_scores[:, : scores.shape[1]], wide_ids[:, : ids.shape[1]] = scores, ids
-    wide_scores[heavy], wide_ids[heavy] = deep_scores, deep_ids
-    beyond = np.arange(depth)[None, :] >= pool[:, None]
-    wide_ids[beyond] = -1
-    return wide_scores, wide_ids
+    heavy = pool > common
+    if not heavy.any():
+        return index.search(queries, common)
+    depth = int(min(pool.max(), index.size))
+    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), depth), -1, dtype=np.int64)
+    # Light and heavy rows are searched apart, so no row is scanned twice.
+    for rows, width in ((np.flatnonzero(~heavy), common), (np.flatnonzero(heavy), depth)):
+        if rows.size:
+            found_scores, found_ids = index.search(np.ascontiguousarray(queries[rows]), width)
+            scores[rows, : found_scores.shape[1]] = found_scores
+            ids[rows, : found_ids.shape[1]] = found_ids
+    ids[np.arange(depth)[None, :] >= pool[:, None]] = -1
+    return scores, ids
 
 
 def rank(
