@@ -84,25 +84,32 @@ class SignedGraphModel:
         """Zero-diagonal ridge autoencoder on the signed input, dropout-style diagonal penalty."""
         key = (l2, dropout)
         if key not in self._ease_cache:
-            gram = self.gram
-            n = gram.shape[0]
-            diag = torch.diagonal(gram)
-            penalty = torch.full((n,), l2 * self.mean_degree, dtype=self.dtype)
-            if dropout > 0:
-                penalty = penalty + dropout / (1.0 - dropout) * diag
             self._ease_cache.clear()  # free the previous solve before allocating the next
-            system = gram.clone()
-            system.diagonal().add_(penalty)
-            inverse = torch.linalg.inv(system)
-            del system
-            b = inverse @ gram
-            # Zero diagonal via the EASE Lagrangian, in place to keep one n x n temporary.
-            b.addcmul_(
-                inverse, (torch.diagonal(b) / torch.diagonal(inverse)).unsqueeze(0), value=-1
-            )
+            inverse = self._inverse(l2, dropout)
+            b = _zero_diagonal(inverse, inverse @ self.gram)
             del inverse
             self._ease_cache = {key: b}  # one cached solve bounds memory at O(n^2)
         return self._ease_cache[key]
+
+    def _inverse(self, l2: float, dropout: float) -> torch.Tensor:
+        """(G + diag(penalty))^-1 for the ridge penalty relative to the mean degree plus dropout."""
+        gram = self.gram
+        penalty = torch.full((gram.shape[0],), l2 * self.mean_degree, dtype=self.dtype)
+        if dropout > 0:
+            penalty = penalty + dropout / (1.0 - dropout) * torch.diagonal(gram)
+        system = gram.clone()
+        system.diagonal().add_(penalty)
+        return torch.linalg.inv(system)
+
+    def ease_to(self, l2: float, dropout: float, target: sp.csr_matrix) -> torch.Tensor:
+        """Zero-diagonal ridge operator from the signed input to another ``target`` matrix.
+
+        The same system as :meth:`ease` (whose target is the input itself); linear in the
+        target, so e.g. the operator for ``X+ + t X-`` is ``ease_to(X+) + t * ease_to(X-)``.
+        """
+        inverse = self._inverse(l2, dropout)
+        cross = torch.from_numpy((self.z.T @ target).toarray()).to(self.dtype)
+        return _zero_diagonal(inverse, inverse @ cross)
 
     # -- signed graph filter ---------------------------------------------------------------
     def _normalised_adjacency(self) -> torch.Tensor:
@@ -169,6 +176,11 @@ class SignedGraphModel:
         z = self._torch_sparse(sample).to(self.dtype)
         scale = float(torch.linalg.norm(z @ b) / torch.linalg.norm(z @ gf).clamp_min(1e-12))
         return gf.mul_(h.gf_mix * scale).add_(b).numpy()
+
+
+def _zero_diagonal(inverse: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Project a ridge solution onto zero diagonal via the EASE Lagrangian, in place."""
+    return b.addcmul_(inverse, (torch.diagonal(b) / torch.diagonal(inverse)).unsqueeze(0), value=-1)
 
 
 def randomised_svd(

@@ -157,7 +157,8 @@ def dislike_penalty(unit: np.ndarray, negatives: sp.csr_matrix) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
-def _normalised(scores: np.ndarray) -> np.ndarray:
+def normalise_rows(scores: np.ndarray) -> np.ndarray:
+    """Each row divided by |its best score|, as serving ranks (all-zero rows stay as they are)."""
     top = np.abs(scores.max(axis=1, keepdims=True))
     return scores / np.where(top > 0, top, 1.0)
 
@@ -179,8 +180,8 @@ def sink_rate(
     after_vec = before_vec + neg_weight * table[items]
     penalty = dislike_penalty(unit, negatives[users])
     fresh_cos = np.maximum(unit[items] @ unit.T, 0.0)
-    before = _normalised(before_vec @ vectors.T) - gamma * penalty
-    after = _normalised(after_vec @ vectors.T) - gamma * np.maximum(penalty, fresh_cos)
+    before = normalise_rows(before_vec @ vectors.T) - gamma * penalty
+    after = normalise_rows(after_vec @ vectors.T) - gamma * np.maximum(penalty, fresh_cos)
     seen = z[users].toarray() != 0
     seen[np.arange(len(users)), items] = True
     before[seen], after[seen] = -np.inf, -np.inf
@@ -212,7 +213,7 @@ def select_suppression(
     gammas = sorted(set(config.suppression_grid) | {0.0})
 
     def variants(u: np.ndarray) -> dict[str, np.ndarray]:
-        scores = _normalised(served(u))
+        scores = normalise_rows(served(u))
         penalty = dislike_penalty(unit, negatives[u])
         return {str(g): scores - g * penalty for g in gammas}
 

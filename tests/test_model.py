@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+import torch
 
 from server.artifacts import Artifact, list_versions, load_artifact
 from server.data import load_dataset
@@ -163,3 +164,16 @@ def test_cli_train_then_evaluate_json(tiny_dataset: TinyDataset, tmp_path: Path)
         assert 0.0 <= result[key] <= 1.0
         assert result[key] == pytest.approx(manifest["metrics"]["test"][key], abs=1e-6)
     assert result["recall@20"] > 0.5
+
+
+@pytest.mark.parametrize("neg_weight", [0.5, -0.25])
+def test_ease_is_ease_to_its_own_input_split_by_sign(graph: SignedGraph, neg_weight: float) -> None:
+    from server.model import SignedGraphModel
+
+    model = SignedGraphModel(graph, dtype=torch.float64)
+    model.set_neg_weight(neg_weight)
+    positive, negative = graph.matrices()
+    # The autoencoder's target is its input X+ + w X-, and ease_to is linear in its target.
+    split = model.ease_to(2.0, 0.25, positive) + neg_weight * model.ease_to(2.0, 0.25, negative)
+    np.testing.assert_allclose(split.numpy(), model.ease(2.0, 0.25).numpy(), atol=1e-9)
+    assert np.abs(np.diagonal(model.ease_to(2.0, 0.25, negative).numpy())).max() < 1e-9
