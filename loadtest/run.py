@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -47,6 +48,8 @@ class Step:
     max_ms: float
     server_cpu_percent: float
     server_rss_mb: float
+    locust_cpu_percent: float  # the load generator shares the machine: its CPU, all processes
+    cache_hit_rate: float | None  # share of ranked requests answered from the ranking memo
 
     @property
     def holds(self) -> bool:
@@ -88,6 +91,17 @@ def start_server(
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def cache_counts(port: int) -> tuple[float, float]:
+    """The server's ranking-memo (hits, misses) so far, read from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        if line.startswith("signedrec_ranking_cache_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            counts[result] = float(line.rsplit(" ", 1)[1])
+    return counts["hit"], counts["miss"]
 
 
 class Sampler(threading.Thread):
@@ -136,8 +150,15 @@ def run_step(
         cmd += ["--processes", str(processes)]
     sampler = Sampler(server_pid)
     sampler.start()
+    memo_before = cache_counts(port)
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - started
+    # Only waited-for children count here: Locust and its workers, never the running server.
+    locust_cpu = 100.0 * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
     cpu, rss = sampler.result()
+    hits, misses = (after_ - before_ for after_, before_ in zip(cache_counts(port), memo_before,
+                                                                 strict=True))  # fmt: skip
     with open(f"{prefix}_stats.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
     return Step(
@@ -146,6 +167,8 @@ def run_step(
         failures=int(row["Failure Count"]), p50_ms=float(row["50%"]), p95_ms=float(row["95%"]),
         p99_ms=float(row["99%"]), max_ms=float(row["Max Response Time"]),
         server_cpu_percent=round(cpu, 1), server_rss_mb=round(rss, 1),
+        locust_cpu_percent=round(locust_cpu / wall, 1),
+        cache_hit_rate=round(hits / (hits + misses), 3) if hits + misses else None,
     )  # fmt: skip
 
 
@@ -204,17 +227,24 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> None:
         f"Command: `{payload['command']}`  ",
         f"Machine: {device}. Locust runs on the same machine as the server.  ",
         f"Each step held {args.duration} s; a step *holds* when p99 < {P99_BAR_MS:.0f} ms, "
-        f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered.",
+        f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered. Server and Locust CPU are "
+        "each in % of one core (the machine has "
+        f"{len(os.sched_getaffinity(0))} cores for both). *memo hits*: share of ranked "
+        "recommendation requests answered from the per-user ranking memo, which is exact (a "
+        "user's entry is dropped on that user's next event and on every model swap; "
+        "`ranking.cache_users = 0` turns it off).",
         "",
         "| target | offered/s | users | achieved/s | requests | failures | p50 ms | p95 ms | "
-        "p99 ms | max ms | server CPU % | server RSS MB | holds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p99 ms | max ms | server CPU % | server RSS MB | Locust CPU % | memo hits | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in steps:
         lines.append(
             f"| {s.target} | {s.offered_rps:.0f} | {s.users} | {s.achieved_rps:.1f} | "
             f"{s.requests} | {s.failures} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | {s.p99_ms:.0f} | "
             f"{s.max_ms:.0f} | {s.server_cpu_percent:.0f} | {s.server_rss_mb:.0f} | "
+            f"{s.locust_cpu_percent:.0f} | "
+            f"{'—' if s.cache_hit_rate is None else f'{s.cache_hit_rate:.0%}'} | "
             f"{'yes' if s.holds else 'no'} |"
         )
     lines += [
@@ -254,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
     artifact = resolve(args.artifact)
     rates = [float(r) for r in args.rates.split(",")]
-    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU faiss"
+    from server.index import gpu_count
+
+    gpus, _ = gpu_count()  # the server's index.device "auto" makes the same check
+    faiss_on = f"faiss on GPU ({gpus} visible)" if gpus else "faiss on CPU"
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {faiss_on}"
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="signedrec-capacity-") as tmp:
         work = Path(tmp)

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import Parameter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 import kernels
 from server.access import Guard, InFlight, RateLimiter
@@ -331,6 +334,28 @@ class Metrics:
         )  # fmt: skip
 
 
+class CacheCollector(Collector):
+    """Ranking-memo hits, misses and size, read from the live state at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Nothing until the state is loaded."""
+        state = self.service.state
+        if state is None:
+            return
+        lookups = CounterMetricFamily(
+            "signedrec_ranking_cache", "Ranking memo lookups by result", labels=["result"]
+        )
+        lookups.add_metric(["hit"], state.cache.hits)
+        lookups.add_metric(["miss"], state.cache.misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "signedrec_ranking_cache_users", "Users with memoised rankings", value=len(state.cache)
+        )
+
+
 # -- app -------------------------------------------------------------------------------------
 class Service:
     """What the handlers need: the live state once loaded, the batcher, the metrics."""
@@ -340,6 +365,7 @@ class Service:
         self.state_dir = state_dir
         self.config = config
         self.metrics = Metrics()
+        self.metrics.registry.register(CacheCollector(self))
         self.guard = Guard(config.access)
         self.limiter = RateLimiter(config.limits)
         self.inflight = InFlight(config.limits)

@@ -20,6 +20,7 @@ import numpy as np
 import kernels
 from server import snapshot
 from server.artifacts import Artifact, load_artifact
+from server.cache import RankingCache
 from server.config import Config
 from server.data import IdMap
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
@@ -104,6 +105,7 @@ class LiveState:
         self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
         self._fold_trained(self.item_side, self.vectors)
         self.feedback: dict[int, UserFeedback] = {}
+        self.cache: RankingCache[Recommendation] = RankingCache(config.ranking.cache_users)
         self.event_ids: set[str] = set()
         self.events_applied = 0
         self.applied_seq = 0
@@ -159,6 +161,7 @@ class LiveState:
                 np.asarray(weights, np.float32),
             )  # fmt: skip
         self.item_side, self.vectors = side, vectors
+        self.cache.clear()
         log.info("model %s replaced %s for %d users", side.version, old.version, len(self.users))
 
     def open_log(self) -> OpenReport:
@@ -245,6 +248,7 @@ class LiveState:
             )
         self.event_ids = set(snap.event_ids)
         self.applied_seq = snap.seq
+        self.cache.clear()
         log.info("restored snapshot at seq %d: %d users, %d with feedback", snap.seq, n,
                  len(snap.feedback))  # fmt: skip
 
@@ -371,6 +375,7 @@ class LiveState:
                 self.vectors, self.item_side.table, np.asarray(users, np.int32),
                 np.asarray(rows, np.int32), np.asarray(deltas, np.float32),
             )  # fmt: skip
+            self.cache.invalidate(users)
         self.events_applied += len(users)
         self.since_snapshot += len(users)
 
@@ -405,10 +410,13 @@ class LiveState:
         known: list[int] = []
         positions: list[int] = []
         out: list[Recommendation | None] = [None] * len(user_ids)
+        variant = (k, include_liked)
         for position, external in enumerate(user_ids):
             user = self.users.get(external)
             if user is None or (user >= self.n_trained_users and user not in self.feedback):
                 out[position] = self.popular(k)
+            elif (cached := self.cache.get(user, variant)) is not None:
+                out[position] = cached
             else:
                 known.append(user)
                 positions.append(position)
@@ -434,12 +442,14 @@ class LiveState:
             item_map = self.item_side.items
             for row, position in enumerate(positions):
                 keep = ids[row] >= 0
-                out[position] = Recommendation(
+                result = Recommendation(
                     item_map.external(ids[row][keep]),
                     scores[row][keep].tolist(),
                     False,
                     self.item_side.version,
                 )
+                out[position] = result
+                self.cache.put(known[row], variant, result)
         return [r for r in out if r is not None]
 
     def popular(self, k: int) -> Recommendation:
