@@ -1,0 +1,288 @@
+"""NegHit trade-off: how far dislike avoidance goes before NDCG@20 falls below the other bars.
+
+Run from the repository root (after ``python -m benchmarks.quality``, whose report supplies the
+EASE, LightGCN and SIGformer reference points)::
+
+    python -m benchmarks.neghit --data ../shared/datasets/amazon-music:4 \
+        ../shared/datasets/kuairand:1
+
+Per dataset it runs the same automatic search as ``signedrec train`` (``server.train.fit``) and
+then scores valid and test with two families of dislike avoidance on the selected operator:
+
+- target ``t``: the autoencoder learns ``X+ + t X-`` instead of its input ``X+ + w X-``
+  (``t < 0`` makes a dislike count against look-alikes); the operator is linear in its target,
+  so ``S_t = S + (t - w) B_neg`` with ``B_neg = SignedGraphModel.ease_to(X-)``;
+- propensity ``a``: ``score * (1 - p)^a`` with ``p`` a user's chance of disliking an item, from
+  smoothed user and item dislike rates added in logit space.
+
+Scores use the unfactorised operator (an upper bound of the served rank-``dim`` model, which is
+also listed, with the look-alike suppression it serves at a few strengths). Writes
+``benchmarks/reports/neghit.{md,json,png}``; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair
+from server.config import ModelConfig
+from server.data import load_dataset
+from server.evaluate import evaluate_variants, ground_truth, interaction_matrix
+from server.graph import build_graph
+from server.model import SignedGraphModel
+from server.train import (
+    dislike_penalty,
+    fit,
+    normalise_rows,
+    pin_malloc_threshold,
+    set_threads,
+)
+
+TARGETS = (None, 0.0, -0.5, -1.0, -2.0)  # None: the selected model's own target (t = w)
+PROPENSITY = (0.0, 1.0, 2.0, 3.0)
+SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths to list
+PRIOR_STRENGTH = 16.0  # pseudo-ratings pulling user and item dislike rates to the global rate
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"[neghit] {message}", file=sys.stderr, flush=True)
+
+
+def dislike_propensity(
+    pos_counts: tuple[np.ndarray, np.ndarray], neg_counts: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits of smoothed per-user and per-item dislike rates, and the global rate's logit."""
+    (user_pos, item_pos), (user_neg, item_neg) = pos_counts, neg_counts
+    mean = float(item_neg.sum() / max(item_pos.sum() + item_neg.sum(), 1.0))
+    mean = min(max(mean, 1e-6), 1 - 1e-6)
+
+    def logit(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        rate = (neg + PRIOR_STRENGTH * mean) / (neg + pos + PRIOR_STRENGTH)
+        return np.log(rate / (1.0 - rate))
+
+    return logit(user_neg, user_pos), logit(item_neg, item_pos), float(np.log(mean / (1 - mean)))
+
+
+def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any]:
+    """Search, then evaluate every (target, propensity) variant on valid and test."""
+    started = time.perf_counter()
+    dataset = load_dataset(data, threshold)
+    graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
+    masked = interaction_matrix(
+        dataset.train.users, dataset.train.items, dataset.n_users, dataset.n_items
+    )
+    valid = ground_truth(dataset.valid, threshold, dataset.n_users, dataset.n_items)
+    if dataset.test is None:
+        raise SystemExit(f"{data}: needs test.txt")
+    test = ground_truth(dataset.test, threshold, dataset.n_users, dataset.n_items)
+    hyper, _, item_table, item_vectors, z = fit(graph, valid, masked, config, sys.stderr)
+    progress(f"{dataset.name}: selected {hyper.as_dict()}; scoring the variants")
+    model = SignedGraphModel(graph)
+    operator = model.operator(hyper)
+    positive, negative = graph.matrices()
+    b_neg = model.ease_to(hyper.l2, hyper.dropout, negative).numpy()
+    del model
+    user_logit, item_logit, mean_logit = dislike_propensity(
+        (np.asarray(positive.sum(axis=1)).ravel(), np.asarray(positive.sum(axis=0)).ravel()),
+        (np.asarray(negative.sum(axis=1)).ravel(), np.asarray(negative.sum(axis=0)).ravel()),
+    )
+    names: dict[str, dict[str, Any]] = {}
+    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
+    unit = item_vectors / np.where(norms > 0, norms, 1.0)
+
+    def variants(users: np.ndarray) -> dict[str, np.ndarray]:
+        base = np.asarray(z[users] @ operator)
+        neg = np.asarray(z[users] @ b_neg)
+        logits = user_logit[users][:, None] + item_logit[None, :] - mean_logit
+        keep = 1.0 / (1.0 + np.exp(logits))  # 1 - p(dislike)
+        served = normalise_rows((z[users] @ item_table) @ item_vectors.T)
+        out = {"served": served}
+        names["served"] = {"target": hyper.neg_weight, "propensity": 0.0, "served": True}
+        penalty = dislike_penalty(unit, negative[users])
+        for gamma in SUPPRESSION:
+            out[f"served, suppression {gamma:g}"] = served - gamma * penalty
+            names[f"served, suppression {gamma:g}"] = {
+                "target": hyper.neg_weight,
+                "propensity": 0.0,
+                "served": True,
+                "gamma": gamma,
+            }
+        for t in TARGETS:
+            scores = base if t is None else base + (t - hyper.neg_weight) * neg
+            scores = normalise_rows(scores)
+            for a in PROPENSITY:
+                name = f"t={hyper.neg_weight if t is None else t:g} a={a:g}"
+                names[name] = {
+                    "target": hyper.neg_weight if t is None else t,
+                    "propensity": a,
+                    "served": False,
+                }
+                out[name] = scores * keep**a if a else scores
+        return out
+
+    results = {split: evaluate_variants(variants, truth, masked)
+               for split, truth in (("valid", valid), ("test", test))}  # fmt: skip
+    rows = [
+        {"variant": name, **names[name], "valid": results["valid"][name],
+         "test": results["test"][name]}
+        for name in results["test"]
+    ]  # fmt: skip
+    progress(f"{dataset.name}: {len(rows)} variants in {time.perf_counter() - started:.0f} s")
+    return {"hyper": hyper.as_dict(), "rows": rows}
+
+
+def references(quality: Path) -> dict[str, dict[str, float]]:
+    """EASE NDCG@20, LightGCN NegHit@20 and SIGformer NDCG@20 per dataset, from quality.json."""
+    if not quality.is_file():
+        return {}
+    record = json.loads(quality.read_text())
+    out: dict[str, dict[str, float]] = {}
+    for name, ds in record.get("datasets", {}).items():
+        models = ds.get("models", {})
+        ref: dict[str, float] = {}
+        if "ease" in models:
+            ref["ease_ndcg"] = models["ease"]["metrics"]["ndcg@20"]
+        if "lightgcn" in models:
+            ref["lightgcn_neghit"] = models["lightgcn"]["metrics"]["neghit@20"]
+        sigformer = [r["ndcg@20"] for r in ds.get("reference", []) if "SIGformer" in r["model"]]
+        if sigformer:
+            ref["sigformer_ndcg"] = min(sigformer)  # the bar is the lower published run
+        out[name] = ref
+    return out
+
+
+def meets(row: dict[str, Any], ref: dict[str, float]) -> bool | None:
+    """Whether a variant's test figures clear every NDCG bar and NegHit at most LightGCN's."""
+    if "ease_ndcg" not in ref or "lightgcn_neghit" not in ref:
+        return None
+    test = row["test"]
+    return (
+        test["ndcg@20"] > ref["ease_ndcg"]
+        and test["ndcg@20"] >= ref.get("sigformer_ndcg", 0.0)
+        and test["neghit@20"] <= ref["lightgcn_neghit"]
+    )
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The report: one table per dataset, best NDCG first."""
+    lines = [
+        "# NegHit trade-off: dislike avoidance against NDCG",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Machine: {record['machine']}; load at start {record['load_start']}  ",
+        f"Code: {record['git']}",
+        "",
+        "Scores come from the unfactorised operator of the model `signedrec train` selects; "
+        "`served` is the factorised model as shipped (with `suppression g`: minus g times the "
+        "largest cosine to the user's train dislikes, as served). `t` is the autoencoder's "
+        "weight on dislikes in its target (the selected model uses its input weight), `a` "
+        "the exponent of the dislike-propensity factor (0: none). *both* marks test NDCG@20 "
+        "above EASE's and at least SIGformer's, and NegHit@20 at most LightGCN's: the bars of "
+        "issue 3 that pull against each other.",
+    ]
+    for name, ds in record["datasets"].items():
+        ref = ds["reference"]
+        lines += [
+            "",
+            f"## {name} (selected {ds['hyper']})",
+            "",
+            "References from `benchmarks/reports/quality.json`: "
+            + (", ".join(f"{k} {v:.4f}" for k, v in ref.items()) or "none (run quality first)"),
+            "",
+            "| variant | valid NDCG@20 | valid NegHit@20 | test Recall@20 | test NDCG@20 | "
+            "test NegHit@20 | both |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in sorted(ds["rows"], key=lambda r: -r["test"]["ndcg@20"]):
+            v, t, ok = row["valid"], row["test"], meets(row, ref)
+            lines.append(
+                f"| {row['variant']} | {v['ndcg@20']:.4f} | {v['neghit@20']:.4f} | "
+                f"{t['recall@20']:.4f} | {t['ndcg@20']:.4f} | {t['neghit@20']:.4f} | "
+                f"{'—' if ok is None else ('**yes**' if ok else 'no')} |"
+            )
+        hits = [r["variant"] for r in ds["rows"] if meets(r, ref)]
+        lines += ["", f"Variants meeting both: {', '.join(hits) if hits else 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Test NDCG@20 against NegHit@20 per variant, with the reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = record["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
+    for ax, (name, ds) in zip(axes[0], datasets.items(), strict=True):
+        for a in PROPENSITY:
+            rows = sorted((r for r in ds["rows"] if not r["served"] and r["propensity"] == a),
+                          key=lambda r: r["target"])  # fmt: skip
+            ax.plot([r["test"]["neghit@20"] for r in rows], [r["test"]["ndcg@20"] for r in rows],
+                    marker="o", label=f"propensity a={a:g} (t varies)")  # fmt: skip
+        served = [r for r in ds["rows"] if r["served"]]
+        ax.scatter([r["test"]["neghit@20"] for r in served],
+                   [r["test"]["ndcg@20"] for r in served], marker="*", s=160, color="black",
+                   label="served (rank-dim factors)", zorder=5)  # fmt: skip
+        for r in served:
+            ax.annotate(f"g={r.get('gamma', 0):g}", (r["test"]["neghit@20"], r["test"]["ndcg@20"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ref = ds["reference"]
+        if "ease_ndcg" in ref:
+            ax.axhline(ref["ease_ndcg"], ls="--", color="grey", label="EASE NDCG@20")
+        if "sigformer_ndcg" in ref:
+            ax.axhline(ref["sigformer_ndcg"], ls=":", color="grey", label="SIGformer NDCG@20")
+        if "lightgcn_neghit" in ref:
+            ax.axvline(ref["lightgcn_neghit"], ls="--", color="red", label="LightGCN NegHit@20")
+        ax.set_xlabel("test NegHit@20 (lower is better)")
+        ax.set_ylabel("test NDCG@20")
+        ax.set_title(f"{name}: the bars' corner is top-left of both dashed lines")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the frontier on every dataset given and write the reports."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.neghit", description=__doc__)
+    p.add_argument("--data", nargs="+", type=parse_pair, required=True, help="DIR:THRESHOLD")
+    p.add_argument("--out", type=Path, default=REPORTS, help="report directory")
+    args = p.parse_args(argv)
+    pin_malloc_threshold()
+    set_threads()
+    torch.manual_seed(0)
+    record: dict[str, Any] = {
+        "command": "python -m benchmarks.neghit "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "load_start": load_avg(),
+        "git": git_state(),
+        "datasets": {},
+    }
+    refs = references(args.out / "quality.json")
+    for data, threshold in args.data:
+        name = data.resolve().name
+        progress(f"{name}: searching hyper-parameters as signedrec train does")
+        result = frontier(data, threshold, ModelConfig())
+        result["reference"] = refs.get(name, {})
+        record["datasets"][name] = result
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "neghit.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "neghit.md").write_text(markdown(record))
+    plot(record, args.out / "neghit.png")
+    progress(f"wrote {args.out / 'neghit.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
