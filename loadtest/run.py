@@ -50,6 +50,7 @@ class Step:
     server_rss_mb: float
     locust_cpu_percent: float  # the load generator shares the machine: its CPU, all processes
     cache_hit_rate: float | None  # share of ranked requests answered from the ranking memo
+    errors: list[str]  # the most frequent failure messages, "count x method name: error"
 
     @property
     def holds(self) -> bool:
@@ -161,6 +162,10 @@ def run_step(
                                                                  strict=True))  # fmt: skip
     with open(f"{prefix}_stats.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    with open(f"{prefix}_failures.csv") as handle:
+        failed = sorted(csv.DictReader(handle), key=lambda r: -int(r["Occurrences"]))
+    errors = [f"{r['Occurrences']} x {r['Method']} {r['Name']}: {r['Error'][:160]}"
+              for r in failed[:3]]  # fmt: skip
     return Step(
         target=target, offered_rps=rate, users=users,
         achieved_rps=float(row["Requests/s"]), requests=int(row["Request Count"]),
@@ -169,6 +174,7 @@ def run_step(
         server_cpu_percent=round(cpu, 1), server_rss_mb=round(rss, 1),
         locust_cpu_percent=round(locust_cpu / wall, 1),
         cache_hit_rate=round(hits / (hits + misses), 3) if hits + misses else None,
+        errors=errors,
     )  # fmt: skip
 
 
@@ -247,6 +253,10 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> None:
             f"{'—' if s.cache_hit_rate is None else f'{s.cache_hit_rate:.0%}'} | "
             f"{'yes' if s.holds else 'no'} |"
         )
+    failing = [s for s in steps if s.errors]
+    if failing:
+        lines += ["", "Failures by message (most frequent first):"]
+        lines += [f"- {s.target} {s.offered_rps:.0f}/s: {e}" for s in failing for e in s.errors]
     lines += [
         "",
         "## Bars",
