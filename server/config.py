@@ -81,7 +81,7 @@ class RankingConfig(Base):
     exclude_seen: bool = True
     # Users whose finished rankings are memoised until their next event or a model swap (exact:
     # nothing else feeds a user's ranking); 0 turns the memo off.
-    cache_users: Annotated[int, msgspec.Meta(ge=0)] = 50_000
+    cache_users: Annotated[int, msgspec.Meta(ge=0)] = 20_000
 
 
 class IndexConfig(Base):
