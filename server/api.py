@@ -412,9 +412,11 @@ class Service:
                 raise InvalidRequestError(
                     f"version {version!r} is not a version name", {"field": "version"}
                 )
-            path = resolve(self.root) if version is None else self.root / version
-            if not (path / MANIFEST).is_file():
+            # Only names that exist on disk reach the filesystem: an arbitrary name (too long, odd
+            # bytes) must be a clean "no such version", not an OSError from a path lookup.
+            if version is not None and version not in list_versions(self.root):
                 raise ArtifactError(f"no artifact version {version!r} under {self.root}")
+            path = resolve(self.root) if version is None else self.root / version
             if path.name == current:
                 return
             side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))

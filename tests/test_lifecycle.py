@@ -190,8 +190,10 @@ def test_lifecycle(server: Server, root: Path) -> None:
     r = _admin(server, "reload", OTHER_CATALOGUE)
     _assert_error(r, 409, "invalid_artifact")
     assert "catalogue" in r.json()["error"]["message"]
-    # A missing version as well.
+    # A missing version as well, including names no filesystem would take (schemathesis found
+    # a 300-byte Unicode name turning into a 500 from the path lookup).
     _assert_error(_admin(server, "reload", "no-such-version"), 409, "invalid_artifact")
+    _assert_error(_admin(server, "reload", "\u1e70\u033a" * 150), 409, "invalid_artifact")
 
     model = _model(server)
     assert model["active"] == first
