@@ -158,8 +158,8 @@ def run_step(
     # Only waited-for children count here: Locust and its workers, never the running server.
     locust_cpu = 100.0 * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
     cpu, rss = sampler.result()
-    hits, misses = (after_ - before_ for after_, before_ in zip(cache_counts(port), memo_before,
-                                                                 strict=True))  # fmt: skip
+    memo_after = cache_counts(port)
+    hits, misses = memo_after[0] - memo_before[0], memo_after[1] - memo_before[1]
     with open(f"{prefix}_stats.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
     with open(f"{prefix}_failures.csv") as handle:
