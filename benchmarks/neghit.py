@@ -46,7 +46,7 @@ from server.train import (
     set_threads,
 )
 
-TARGETS = (None, 0.0, -0.5, -1.0, -2.0)  # None: the selected model's own target (t = w)
+TARGETS = (0.0, -0.5, -1.0, -2.0)  # dislike weights in the target, besides the model's own
 PROPENSITY = (0.0, 1.0, 2.0, 3.0)
 SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths to list
 PRIOR_STRENGTH = 16.0  # pseudo-ratings pulling user and item dislike rates to the global rate
@@ -95,9 +95,15 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
         (np.asarray(positive.sum(axis=1)).ravel(), np.asarray(positive.sum(axis=0)).ravel()),
         (np.asarray(negative.sum(axis=1)).ravel(), np.asarray(negative.sum(axis=0)).ravel()),
     )
-    names: dict[str, dict[str, Any]] = {}
     norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
     unit = item_vectors / np.where(norms > 0, norms, 1.0)
+    own = hyper.neg_weight
+    targets = tuple(dict.fromkeys((own, *TARGETS)))  # the selected model's own target first
+    served_meta = {"target": own, "propensity": 0.0, "served": True}
+    names: dict[str, dict[str, Any]] = {"served": served_meta}
+    names |= {f"served, suppression {g:g}": {**served_meta, "gamma": g} for g in SUPPRESSION}
+    names |= {f"t={t:g} a={a:g}": {"target": t, "propensity": a, "served": False}
+              for t in targets for a in PROPENSITY}  # fmt: skip
 
     def variants(users: np.ndarray) -> dict[str, np.ndarray]:
         base = np.asarray(z[users] @ operator)
@@ -105,28 +111,13 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
         logits = user_logit[users][:, None] + item_logit[None, :] - mean_logit
         keep = 1.0 / (1.0 + np.exp(logits))  # 1 - p(dislike)
         served = normalise_rows((z[users] @ item_table) @ item_vectors.T)
-        out = {"served": served}
-        names["served"] = {"target": hyper.neg_weight, "propensity": 0.0, "served": True}
         penalty = dislike_penalty(unit, negative[users])
-        for gamma in SUPPRESSION:
-            out[f"served, suppression {gamma:g}"] = served - gamma * penalty
-            names[f"served, suppression {gamma:g}"] = {
-                "target": hyper.neg_weight,
-                "propensity": 0.0,
-                "served": True,
-                "gamma": gamma,
-            }
-        for t in TARGETS:
-            scores = base if t is None else base + (t - hyper.neg_weight) * neg
-            scores = normalise_rows(scores)
+        out = {"served": served}
+        out |= {f"served, suppression {g:g}": served - g * penalty for g in SUPPRESSION}
+        for t in targets:
+            scores = normalise_rows(base + (t - own) * neg)
             for a in PROPENSITY:
-                name = f"t={hyper.neg_weight if t is None else t:g} a={a:g}"
-                names[name] = {
-                    "target": hyper.neg_weight if t is None else t,
-                    "propensity": a,
-                    "served": False,
-                }
-                out[name] = scores * keep**a if a else scores
+                out[f"t={t:g} a={a:g}"] = scores * keep**a if a else scores
         return out
 
     results = {split: evaluate_variants(variants, truth, masked)
