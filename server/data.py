@@ -13,6 +13,8 @@ import numpy as np
 from server.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+# Ratings are stored as float32; a larger magnitude would silently become inf.
+FLOAT32_MAX: float = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ def _parse_rating(token: str, path: str, line: int) -> float:
         raise DataError(path, line, f"rating {token!r} is not a number") from None
     if math.isnan(value) or math.isinf(value):
         raise DataError(path, line, f"rating {token!r} is not finite")
+    if abs(value) > FLOAT32_MAX:
+        raise DataError(path, line, f"rating {token!r} is out of range (ratings are float32)")
     return value
 
 
@@ -117,6 +121,7 @@ def read_interactions(path: Path) -> Interactions:
             ids = table[:, :2]
             if (
                 np.isfinite(table).all()
+                and (np.abs(table[:, 2]) <= FLOAT32_MAX).all()
                 and (ids >= 0).all()
                 and (ids == np.floor(ids)).all()
                 and (ids <= np.iinfo(np.int32).max).all()

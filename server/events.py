@@ -248,6 +248,10 @@ def _check_event(event: NewEvent, index: int) -> None:
             raise bad(field, "must not be empty")
         if len(ident) > MAX_ID_CHARS:
             raise bad(field, f"is longer than {MAX_ID_CHARS} characters")
+        if "\x00" in ident:
+            # Id maps are stored as numpy unicode arrays, which drop trailing NULs: 'a\x00' would
+            # come back from a snapshot as 'a' and collide with another user.
+            raise bad(field, "must not contain NUL characters")
     if event.kind not in FEEDBACK_KINDS:
         raise bad("kind", f"must be one of {sorted(FEEDBACK_KINDS)}, got {event.kind!r}")
     value = event.value

@@ -79,7 +79,8 @@ fractional_ids = st.builds(
 @st.composite
 def malformed_line(draw: st.DrawFn) -> tuple[str, str]:
     """One bad line and a fragment its error message must contain."""
-    kind = draw(st.sampled_from(["columns", "word", "nan", "inf", "negative", "fraction", "big"]))
+    kinds = ["columns", "word", "nan", "inf", "negative", "fraction", "big", "huge_rating"]
+    kind = draw(st.sampled_from(kinds))
     fields = [str(draw(ids)), str(draw(ids)), str(draw(st.integers(1, 5)))]
     if kind == "columns":
         n = draw(st.sampled_from([1, 2, 4, 5, 7]))
@@ -92,6 +93,12 @@ def malformed_line(draw: st.DrawFn) -> tuple[str, str]:
         what = ("user id", "item id", "rating")[column]
         problem = "is not a number" if kind == "word" else "is not finite"
         return " ".join(fields), f"{what} {token!r} {problem}"
+    if kind == "huge_rating":
+        # Finite as a float64 but beyond float32: stored ratings would silently become inf.
+        sign = draw(st.sampled_from(["", "-"]))
+        token = f"{sign}{draw(st.integers(1, 9))}e{draw(st.integers(39, 300))}"
+        fields[2] = token
+        return " ".join(fields), f"rating {token!r} is out of range"
     column = draw(st.integers(0, 1))
     what = ("user id", "item id")[column]
     token, problem = {
@@ -349,6 +356,6 @@ def test_idmap_basics() -> None:
         IdMap(["a", "b", "a"])
 
 
-@pytest.mark.xfail(strict=True, reason="numpy unicode arrays drop trailing NULs: 'a\\x00' -> 'a'")
-def test_idmap_trailing_nul_survives_to_array() -> None:
-    assert IdMap(["a\x00", "a"]).to_array().tolist() == ["a\x00", "a"]
+def test_idmap_array_drops_trailing_nul_so_ids_with_nul_are_refused_at_the_log() -> None:
+    # Why the event log refuses NUL in ids (test_events): numpy unicode arrays lose trailing NULs.
+    assert IdMap(["a\x00", "a"]).to_array().tolist() == ["a", "a"]

@@ -691,6 +691,8 @@ def test_failed_rotation_retries_same_segment(
         ({"ts": -1.0}, "ts"),
         ({"kind": "love"}, "kind"),
         ({"item_id": "bad\udc80"}, "item_id"),
+        ({"user_id": "a\x00"}, "user_id"),
+        ({"event_id": "e\x00x"}, "event_id"),
     ],
 )
 def test_invalid_events_are_refused_without_using_seqs(

@@ -222,6 +222,8 @@ def test_later_event_replaces_earlier(server: Server) -> None:
          "invalid_event"),
         (b'{"event_id": "x", "user_id": "u", "item_id": "nope", "kind": "like"}', 404,
          "unknown_item"),
+        (b'{"event_id": "x", "user_id": "u\\u0000", "item_id": "1", "kind": "like"}', 422,
+         "invalid_event"),
         (b"[]", 422, "invalid_body"),
         (b"[" + b'{"event_id":"y","user_id":"u","item_id":"1","kind":"like"},' * 30000 + b"1]",
          413, "body_too_large"),
