@@ -112,6 +112,9 @@ class EventLogConfig(Base):
     replay_batch: int = 65536
     snapshot_every_events: int = 1_000_000
     fsync: bool = True
+    # Idempotency: a repeated event_id among this many most recent acceptances is acknowledged,
+    # not applied; older ids are forgotten so memory stays bounded (~160 bytes per 32-char id).
+    dedup_window: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
 
 
 class ServerConfig(Base):

@@ -23,6 +23,7 @@ from server.artifacts import Artifact, load_artifact
 from server.cache import RankingCache
 from server.config import Config
 from server.data import IdMap
+from server.dedup import RecentIds
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
 from server.events import EventLog, EventRecord, NewEvent, OpenReport
 from server.index import ItemIndex
@@ -106,7 +107,7 @@ class LiveState:
         self._fold_trained(self.item_side, self.vectors)
         self.feedback: dict[int, UserFeedback] = {}
         self.cache: RankingCache[Recommendation] = RankingCache(config.ranking.cache_users)
-        self.event_ids: set[str] = set()
+        self.event_ids = RecentIds(config.log.dedup_window)
         self.events_applied = 0
         self.applied_seq = 0
         self.since_snapshot = 0
@@ -246,7 +247,7 @@ class LiveState:
                 recent_negative=dict.fromkeys(u.negatives),
                 history=deque((tuple(row) for row in u.history), maxlen=maxlen),
             )
-        self.event_ids = set(snap.event_ids)
+        self.event_ids = RecentIds(self.config.log.dedup_window, snap.event_ids)
         self.applied_seq = snap.seq
         self.cache.clear()
         log.info("restored snapshot at seq %d: %d users, %d with feedback", snap.seq, n,
@@ -292,11 +293,11 @@ class LiveState:
 
     def reserve(self, events: Iterable[NewEvent]) -> None:
         """Mark ids as taken before the log write, so a concurrent repeat is not applied twice."""
-        self.event_ids.update(e.event_id for e in events)
+        self.event_ids.add(e.event_id for e in events)
 
     def release(self, events: Iterable[NewEvent]) -> None:
         """Undo ``reserve`` when the write failed and nothing was accepted."""
-        self.event_ids.difference_update(e.event_id for e in events)
+        self.event_ids.discard(e.event_id for e in events)
 
     def _user_feedback(self, user: int) -> UserFeedback:
         record = self.feedback.get(user)
@@ -332,7 +333,7 @@ class LiveState:
         w = self._weights
         fixed = {"like": w.like, "dislike": w.dislike, "skip": w.skip}
         threshold = self.item_side.threshold
-        event_ids = self.event_ids
+        replayed: list[str] = []
         feedback_get = self.feedback.get
         users: list[int] = []
         rows: list[int] = []
@@ -342,7 +343,7 @@ class LiveState:
             if item is None:  # a log written under another catalogue; skip, never mis-apply
                 continue
             if replay:
-                event_ids.add(record.event_id)
+                replayed.append(record.event_id)
             user = self._user_index(record.user_id)
             feedback = feedback_get(user) or self._user_feedback(user)
             new = fixed.get(record.kind)
@@ -368,6 +369,7 @@ class LiveState:
             users.append(user)
             rows.append(item)
             deltas.append(delta)
+        self.event_ids.add(replayed)
         if records:
             self.applied_seq = max(self.applied_seq, records[-1].seq)
         if users:
