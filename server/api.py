@@ -420,7 +420,15 @@ class Service:
             if path.name == current:
                 return
             side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
-            state.swap(side)
+            # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
+            # tracked and those users refolded when the new side goes live.
+            plan = state.begin_swap(side)
+            try:
+                vectors = await asyncio.to_thread(state.build_swap, plan)
+            except BaseException:
+                state.abort_swap()
+                raise
+            state.finish_swap(plan, vectors)
             if rollback:
                 self.previous.pop()
             else:

@@ -8,10 +8,11 @@ batch), so the served vector always equals ``sum_i weight(u, i) * Q_i`` over the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,37 @@ class ItemSide:
         return self.table.shape[1]
 
 
+@dataclass(slots=True)
+class SwapPlan:
+    """A model swap under way: the new side and the online graphs as they were at its start."""
+
+    side: ItemSide
+    rows: int
+    graphs: dict[int, dict[int, float]]
+    touched: set[int]  # users with events applied since the start, refolded at the finish
+
+
+def _fold_graphs(
+    side: ItemSide, vectors: np.ndarray, graphs: Mapping[int, dict[int, float]]
+) -> None:
+    """Overwrite each listed user's vector with the fold of their signed graph under ``side``."""
+    if not graphs:
+        return
+    counts = np.fromiter(map(len, graphs.values()), np.int64, len(graphs))
+    owners = np.fromiter(graphs.keys(), np.int32, len(graphs))
+    vectors[owners] = 0.0
+    total = int(counts.sum())
+    if total == 0:
+        return
+    chain = itertools.chain.from_iterable
+    rows = np.fromiter(chain(g.keys() for g in graphs.values()), np.int32, total)
+    strengths = np.fromiter(chain(g.values() for g in graphs.values()), np.float32, total)
+    # LiveState.fold_weight, vectorised: likes count fully, dislikes by the model's neg_weight.
+    weights = np.where(strengths > 0, strengths, -strengths * np.float32(side.neg_weight))
+    kernels.apply_events(vectors, side.table, np.repeat(owners, counts), rows,
+                         weights.astype(np.float32))  # fmt: skip
+
+
 class LiveState:
     """The serving state; used from one asyncio event loop (not thread-safe)."""
 
@@ -108,6 +140,7 @@ class LiveState:
         self.feedback: dict[int, UserFeedback] = {}
         self.cache: RankingCache[Recommendation] = RankingCache(config.ranking.cache_users)
         self.event_ids = RecentIds(config.log.dedup_window)
+        self._swap: SwapPlan | None = None
         self.events_applied = 0
         self.applied_seq = 0
         self.since_snapshot = 0
@@ -134,8 +167,8 @@ class LiveState:
         rows[neg_at], weights[neg_at] = self._neg_items, side.neg_weight
         kernels.fold_csr(indptr, rows, weights, side.table, out[:n])
 
-    def swap(self, side: ItemSide) -> None:
-        """Serve a new item side: every user's vector is rebuilt from their current graph."""
+    def begin_swap(self, side: ItemSide) -> SwapPlan:
+        """Start a swap to a new item side: check its catalogue, copy the online graphs (loop)."""
         old = self.item_side
         if len(side.items) != len(old.items) or not np.array_equal(
             side.artifact.arrays["item_ids"], old.artifact.arrays["item_ids"]
@@ -144,26 +177,44 @@ class LiveState:
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
-        vectors = np.zeros((self.vectors.shape[0], side.dim), np.float32)
-        self._fold_trained(side, vectors)
-        users: list[int] = []
-        rows: list[int] = []
-        weights: list[float] = []
-        # Users with online feedback: their graph is the strength dict; replace their rows.
-        for user, feedback in self.feedback.items():
-            vectors[user] = 0.0
-            for item, strength in feedback.strength.items():
-                users.append(user)
-                rows.append(item)
-                weights.append(self.fold_weight(strength, side.neg_weight))
-        if users:
-            kernels.apply_events(
-                vectors, side.table, np.asarray(users, np.int32), np.asarray(rows, np.int32),
-                np.asarray(weights, np.float32),
-            )  # fmt: skip
-        self.item_side, self.vectors = side, vectors
+        # dict copies run at C speed; the Python-level fold then happens off the event loop.
+        graphs = {user: dict(f.strength) for user, f in self.feedback.items()}
+        self._swap = SwapPlan(side, self.vectors.shape[0], graphs, set())
+        return self._swap
+
+    def build_swap(self, plan: SwapPlan) -> np.ndarray:
+        """Every user's vector under the new side as of ``begin_swap``; safe in a worker thread
+        (reads only the plan and the trained graph, which never changes)."""
+        vectors = np.zeros((plan.rows, plan.side.dim), np.float32)
+        self._fold_trained(plan.side, vectors)
+        _fold_graphs(plan.side, vectors, plan.graphs)
+        return vectors
+
+    def finish_swap(self, plan: SwapPlan, vectors: np.ndarray) -> None:
+        """Swap in the built vectors, refolding users whose feedback arrived meanwhile (loop)."""
+        if self._swap is not plan:
+            raise RuntimeError("finish_swap: this swap is not the one in progress")
+        self._swap = None
+        if self.vectors.shape[0] > vectors.shape[0]:  # users arrived and the array grew
+            grown = np.zeros((self.vectors.shape[0], vectors.shape[1]), np.float32)
+            grown[: vectors.shape[0]] = vectors
+            vectors = grown
+        touched = {user: self.feedback[user].strength for user in plan.touched}
+        _fold_graphs(plan.side, vectors, touched)
+        old = self.item_side
+        self.item_side, self.vectors = plan.side, vectors
         self.cache.clear()
-        log.info("model %s replaced %s for %d users", side.version, old.version, len(self.users))
+        log.info("model %s replaced %s for %d users (%d refolded after events during the swap)",
+                 plan.side.version, old.version, len(self.users), len(touched))  # fmt: skip
+
+    def abort_swap(self) -> None:
+        """Drop a swap that failed or was cancelled; the current side keeps serving."""
+        self._swap = None
+
+    def swap(self, side: ItemSide) -> None:
+        """Serve a new item side now, all on the calling thread (tests, tools)."""
+        plan = self.begin_swap(side)
+        self.finish_swap(plan, self.build_swap(plan))
 
     def open_log(self) -> OpenReport:
         """Open the event log, restore the snapshot if it fits, replay what follows it."""
@@ -378,6 +429,8 @@ class LiveState:
                 np.asarray(rows, np.int32), np.asarray(deltas, np.float32),
             )  # fmt: skip
             self.cache.invalidate(users)
+            if self._swap is not None:
+                self._swap.touched.update(users)
         self.events_applied += len(users)
         self.since_snapshot += len(users)
 

@@ -1,4 +1,5 @@
-"""The ranking memo: bounded, invalidated by the user's own events and by model swaps only."""
+"""The ranking memo (bounded, invalidated by the user's own events and by model swaps only) and
+model swaps built off the event loop."""
 
 from __future__ import annotations
 
@@ -90,3 +91,51 @@ def test_state_swap_drops_every_memo(state: LiveState, tiny_artifact: Path) -> N
     versions = sorted(p for p in Path(tiny_artifact).parent.iterdir() if p.is_dir())
     state.swap(ItemSide(load_artifact(versions[-1]), state.config))
     assert len(state.cache) == 0
+
+
+def _reference_vectors(state: LiveState, side: ItemSide) -> np.ndarray:
+    """Each user's fold under ``side`` from the definition: trained edges, or the online graph."""
+    arrays = state.item_side.artifact.arrays
+    pos_ptr, pos = arrays["pos_indptr"], arrays["pos_items"]
+    neg_ptr, neg = arrays["neg_indptr"], arrays["neg_items"]
+    out = np.zeros((len(state.users), side.dim), np.float64)
+    for u in range(len(state.users)):
+        if u in state.feedback:
+            graph = state.feedback[u].strength
+        else:
+            graph = dict.fromkeys(pos[pos_ptr[u] : pos_ptr[u + 1]].tolist(), 1.0)
+            graph.update(dict.fromkeys(neg[neg_ptr[u] : neg_ptr[u + 1]].tolist(), -1.0))
+        for item, strength in graph.items():
+            out[u] += LiveState.fold_weight(strength, side.neg_weight) * side.table[item]
+    return out
+
+
+def test_swap_built_off_the_loop_includes_events_applied_meanwhile(
+    state: LiveState, tiny_artifact: Path
+) -> None:
+    """Events applied between begin_swap and finish_swap (the worker thread's window), by known
+    users, first-time users and enough new users to grow the vector array, all land exactly."""
+    items = state.item_side.items.external(np.arange(6))
+    state.apply([_record(1, "0", items[0], "dislike"), _record(2, "new-a", items[1], "like")])
+    side = ItemSide(load_artifact(tiny_artifact), state.config)
+    rng = np.random.default_rng(0)
+    side.table = rng.standard_normal(side.table.shape).astype(np.float32)  # a different model
+    side.neg_weight = 0.3
+    plan = state.begin_swap(side)
+    rows_at_start = state.vectors.shape[0]
+    during = [_record(3, "0", items[2], "like"), _record(4, "1", items[3], "skip")]
+    during += [_record(10 + n, f"new-{n}", items[n % 6], "like") for n in range(rows_at_start)]
+    state.apply(during)
+    assert state.vectors.shape[0] > rows_at_start  # the array grew while the plan was built
+    assert state.item_side is not side  # the old model serves until the finish
+    state.finish_swap(plan, state.build_swap(plan))
+    assert state.item_side is side
+    n = len(state.users)
+    np.testing.assert_allclose(state.vectors[:n], _reference_vectors(state, side), atol=1e-4)
+    # A finished or aborted plan cannot be finished (again).
+    with pytest.raises(RuntimeError, match="not the one in progress"):
+        state.finish_swap(plan, state.vectors)
+    other = state.begin_swap(side)
+    state.abort_swap()
+    with pytest.raises(RuntimeError, match="not the one in progress"):
+        state.finish_swap(other, state.vectors)
