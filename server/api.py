@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import kernels
+from server import rollout
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
 from server.batcher import MicroBatcher
@@ -370,7 +371,8 @@ class Service:
         self.limiter = RateLimiter(config.limits)
         self.inflight = InFlight(config.limits)
         self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
-        self.previous: list[str] = []
+        self.previous: list[str] = []  # the rollback stack, oldest first
+        self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
         self.swapping = asyncio.Lock()
         self.snapshotting: asyncio.Task[bool] | None = None
         self.state: LiveState | None = None
@@ -381,7 +383,9 @@ class Service:
         """Load artifact, warm kernels, replay the log (blocking; runs off the event loop)."""
         kernels.select_backend(self.config.kernels.backend)
         kernels.warmup()
-        state = LiveState(self.artifact, self.state_dir, self.config)
+        path, choice = rollout.choose(self.artifact, self.state_dir)
+        self.pinned, self.previous = choice.pinned, choice.previous
+        state = LiveState(path, self.state_dir, self.config)
         state.open_log()
         return state
 
@@ -418,6 +422,9 @@ class Service:
                 raise ArtifactError(f"no artifact version {version!r} under {self.root}")
             path = resolve(self.root) if version is None else self.root / version
             if path.name == current:
+                if not rollback and version != self.pinned:
+                    self.pinned = version  # "reload the newest" unpins even when it is active
+                    await self._save_rollout()
                 return
             side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
             # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
@@ -433,8 +440,18 @@ class Service:
                 self.previous.pop()
             else:
                 self.previous.append(current)
+            self.pinned = version
+            await self._save_rollout()
             self.metrics.model.clear()
             self.metrics.model.labels(side.version).set(1)
+
+    async def _save_rollout(self) -> None:
+        """Persist the pinned version and rollback stack; a failure only costs them on restart."""
+        choice = rollout.Rollout(pinned=self.pinned, previous=list(self.previous))
+        try:
+            await asyncio.to_thread(rollout.write, self.state_dir, choice)
+        except OSError as exc:
+            log.warning("model choice not saved (a restart serves the newest version): %s", exc)
 
     def describe(self) -> ModelOut:
         """The active version, the one rollback would restore, and every version on disk."""

@@ -52,24 +52,27 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Snapshot)
 
 
-def write(directory: Path, snapshot: Snapshot) -> Path:
-    """Atomically replace the snapshot in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = _ENCODER.encode(snapshot)
-    tmp = directory / (FILE + ".tmp")
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as handle:
-        handle.write(HEADER.pack(MAGIC, SCHEMA, zlib.crc32(payload)))
-        handle.write(payload)
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    final = directory / FILE
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return final
+    return path
+
+
+def write(directory: Path, snapshot: Snapshot) -> Path:
+    """Atomically replace the snapshot in ``directory``."""
+    payload = _ENCODER.encode(snapshot)
+    return atomic_write(directory / FILE, HEADER.pack(MAGIC, SCHEMA, zlib.crc32(payload)) + payload)
 
 
 def read(directory: Path, artifact_version: str) -> Snapshot | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +223,58 @@ def test_reload_without_body_takes_newest(server: Server, root: Path) -> None:
         422,
         "invalid_body",
     )
+
+
+NEWER = "29990101T000000000Z"
+
+
+def test_model_choice_survives_restarts(tmp_path: Path) -> None:
+    """A named reload or a rollback pins the version across restarts (SIGKILL included), with
+    the rollback stack; reloading the newest unpins; a pinned version gone from disk falls back
+    to the newest with a warning."""
+    root = tmp_path / "artifacts"
+    default = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / default, root / default)
+    base = load_artifact(root / default)
+    save_artifact(root, _rotated_arrays(base.arrays, 1), _manifest(base.manifest, "rotated"),
+                  version=ROTATED)  # fmt: skip
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
+    state = tmp_path / "state"
+
+    def start() -> Server:
+        srv = _server(root, state, env)
+        srv.client.headers.update(ADMIN)
+        return srv
+
+    def choice(srv: Server) -> tuple[str, str | None]:
+        body = _model(srv)
+        return body["active"], body["previous"]
+
+    srv = start()
+    assert choice(srv) == (default, None)
+    assert _admin(srv, "reload", ROTATED).status_code == 200
+    srv.stop(signal.SIGKILL)  # saved when the swap happened, not at shutdown
+
+    srv = start()
+    assert choice(srv) == (ROTATED, default)
+    assert _admin(srv, "rollback").status_code == 200
+    assert choice(srv) == (default, None)
+    srv.stop()
+    save_artifact(root, base.arrays, _manifest(base.manifest, "newer"), version=NEWER)
+
+    srv = start()
+    assert choice(srv) == (default, None)  # the rollback pinned it, though NEWER is on disk now
+    assert _admin(srv, "reload").status_code == 200  # the newest: unpins
+    assert choice(srv) == (NEWER, default)
+    assert _admin(srv, "reload", ROTATED).status_code == 200
+    assert choice(srv) == (ROTATED, NEWER)
+    srv.stop()
+    shutil.rmtree(root / ROTATED)
+
+    srv = start()
+    try:
+        # The stack was [default, NEWER]; NEWER is now active, so rollback goes to default.
+        assert choice(srv) == (NEWER, default)
+    finally:
+        srv.stop()
+    assert f"pinned version {ROTATED} is no longer under" in srv.log_path.read_text()
