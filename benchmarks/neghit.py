@@ -13,7 +13,12 @@ then scores valid and test with two families of dislike avoidance on the selecte
   (``t < 0`` makes a dislike count against look-alikes); the operator is linear in its target,
   so ``S_t = S + (t - w) B_neg`` with ``B_neg = SignedGraphModel.ease_to(X-)``;
 - propensity ``a``: ``score * (1 - p)^a`` with ``p`` a user's chance of disliking an item, from
-  smoothed user and item dislike rates added in logit space.
+  smoothed user and item dislike rates added in logit space;
+- learned re-rank ``lambda``: over each user's top ``CANDIDATES`` of the model, two logistic
+  regressions fitted on the valid split (features: the model's score and rank, the autoencoder's
+  like- and dislike-target scores, user and item dislike-rate logits, the largest cosine to the
+  user's train dislikes and likes, popularity and activity) give P(like) and P(dislike); items
+  rank by ``P(like) - lambda P(dislike)``. Its valid figures are in-sample.
 
 Scores use the unfactorised operator (an upper bound of the served rank-``dim`` model, which is
 also listed, with the look-alike suppression it serves at a few strengths). Writes
@@ -26,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ import torch
 from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair
 from server.config import ModelConfig
 from server.data import load_dataset
-from server.evaluate import evaluate_variants, ground_truth, interaction_matrix
+from server.evaluate import Truth, evaluate_variants, ground_truth, interaction_matrix, top_k
 from server.graph import build_graph
 from server.model import SignedGraphModel
 from server.train import (
@@ -50,6 +56,8 @@ TARGETS = (0.0, -0.5, -1.0, -2.0)  # dislike weights in the target, besides the 
 PROPENSITY = (0.0, 1.0, 2.0, 3.0)
 SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths to list
 PRIOR_STRENGTH = 16.0  # pseudo-ratings pulling user and item dislike rates to the global rate
+CANDIDATES = 100  # per user, re-ranked by the learned variants
+LEARNED = (0.0, 0.5, 1.0, 2.0)  # lambda: weight of P(dislike) against P(like)
 
 
 def progress(message: str) -> None:
@@ -72,6 +80,69 @@ def dislike_propensity(
     return logit(user_neg, user_pos), logit(item_neg, item_pos), float(np.log(mean / (1 - mean)))
 
 
+class Reranker:
+    """P(like) and P(dislike) for a user's candidates from two logistic regressions (valid)."""
+
+    def __init__(self, features: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.features = features
+        self.models: dict[str, torch.nn.Linear] = {}
+        self.mean = self.std = torch.zeros(0)
+
+    def fit(self, users: np.ndarray, cands: np.ndarray, truth: Truth) -> dict[str, float]:
+        """Fit both regressions on the candidates of ``users``; returns the sign AUC on them."""
+        x = torch.from_numpy(self.features(users, cands).reshape(cands.size, -1))
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        x = (x - self.mean) / self.std
+        rows = np.arange(len(users))[:, None]
+        labels = {
+            "like": np.asarray(truth.positives[users][rows, cands].todense()),
+            "dislike": np.asarray(truth.negatives[users][rows, cands].todense()),
+        }
+        for name, y in labels.items():
+            self.models[name] = fit_logistic(x, torch.from_numpy(y.reshape(-1).astype(np.float32)))
+        like, dislike = self.predict(users, cands)
+        exposed = (labels["like"] + labels["dislike"]) > 0
+        share = dislike / np.maximum(like + dislike, 1e-12)
+        return {"sign_auc_valid": auc(share[exposed], labels["dislike"][exposed])}
+
+    def predict(self, users: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(like) and P(dislike) per candidate, shaped like ``cands``."""
+        x = torch.from_numpy(self.features(users, cands).reshape(cands.size, -1))
+        x = (x - self.mean) / self.std
+        with torch.no_grad():
+            out = [torch.sigmoid(self.models[n](x)).numpy().reshape(cands.shape)
+                   for n in ("like", "dislike")]  # fmt: skip
+        return out[0], out[1]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4) -> torch.nn.Linear:
+    """A ridge-penalised logistic regression of y on x, fitted by L-BFGS."""
+    linear = torch.nn.Linear(x.shape[1], 1)
+    optimiser = torch.optim.LBFGS(linear.parameters(), max_iter=300)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = linear(x).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss = loss + l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)  # type: ignore[no-untyped-call]
+    return linear
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties broken by order)."""
+    order = np.argsort(scores, kind="stable")
+    ranked = labels[order].astype(np.float64)
+    n_pos = ranked.sum()
+    n_neg = len(ranked) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float(np.cumsum(1.0 - ranked)[ranked == 1].sum() / (n_pos * n_neg))
+
+
 def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any]:
     """Search, then evaluate every (target, propensity) variant on valid and test."""
     started = time.perf_counter()
@@ -90,6 +161,7 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     operator = model.operator(hyper)
     positive, negative = graph.matrices()
     b_neg = model.ease_to(hyper.l2, hyper.dropout, negative).numpy()
+    b_pos = model.ease_to(hyper.l2, hyper.dropout, positive).numpy()
     del model
     user_logit, item_logit, mean_logit = dislike_propensity(
         (np.asarray(positive.sum(axis=1)).ravel(), np.asarray(positive.sum(axis=0)).ravel()),
@@ -104,6 +176,43 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     names |= {f"served, suppression {g:g}": {**served_meta, "gamma": g} for g in SUPPRESSION}
     names |= {f"t={t:g} a={a:g}": {"target": t, "propensity": a, "served": False}
               for t in targets for a in PROPENSITY}  # fmt: skip
+    names |= {f"learned lambda={lam:g}": {"target": own, "propensity": 0.0, "served": False,
+                                          "learned": lam} for lam in LEARNED}  # fmt: skip
+    activity = np.log1p(np.asarray((positive + negative).sum(axis=1)).ravel())
+    popularity = np.log1p(np.asarray((positive + negative).sum(axis=0)).ravel())
+
+    def candidates(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The own-target model's top CANDIDATES unseen items per user, and its full scores."""
+        base = np.asarray(z[users] @ operator)
+        m = masked[users].tocoo()
+        base[m.row, m.col] = -np.inf
+        return top_k(base, CANDIDATES), base
+
+    def features(users: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(users))[:, None]
+        base = np.asarray(z[users] @ operator)
+        top = np.abs(base[rows, cands[:, :1]])
+        top[top == 0] = 1.0
+        score = base[rows, cands] / top
+        columns = [
+            score,
+            np.log(np.maximum(score, 1e-3)),
+            np.broadcast_to(1.0 / np.log2(np.arange(2, cands.shape[1] + 2)), score.shape),
+            item_logit[cands],
+            np.broadcast_to(user_logit[users][:, None], score.shape),
+            item_logit[cands] * user_logit[users][:, None],
+            np.asarray(z[users] @ b_pos)[rows, cands] / top,
+            np.asarray(z[users] @ b_neg)[rows, cands] / top,
+            dislike_penalty(unit, negative[users])[rows, cands],
+            dislike_penalty(unit, positive[users])[rows, cands],
+            popularity[cands],
+            np.broadcast_to(activity[users][:, None], score.shape),
+        ]
+        return np.stack(columns, axis=-1).astype(np.float32)
+
+    reranker = Reranker(features)
+    fitted = np.unique(dataset.valid.users).astype(np.int64)
+    diagnostics = reranker.fit(fitted, candidates(fitted)[0], valid)
 
     def variants(users: np.ndarray) -> dict[str, np.ndarray]:
         base = np.asarray(z[users] @ operator)
@@ -118,6 +227,13 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
             scores = normalise_rows(base + (t - own) * neg)
             for a in PROPENSITY:
                 out[f"t={t:g} a={a:g}"] = scores * keep**a if a else scores
+        cands = candidates(users)[0]
+        like, dislike = reranker.predict(users, cands)
+        rows = np.arange(len(users))[:, None]
+        for lam in LEARNED:
+            learned = np.full(base.shape, -np.inf, np.float32)
+            learned[rows, cands] = like - lam * dislike
+            out[f"learned lambda={lam:g}"] = learned
         return out
 
     results = {split: evaluate_variants(variants, truth, masked)
@@ -127,8 +243,20 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
          "test": results["test"][name]}
         for name in results["test"]
     ]  # fmt: skip
-    progress(f"{dataset.name}: {len(rows)} variants in {time.perf_counter() - started:.0f} s")
-    return {"hyper": hyper.as_dict(), "rows": rows}
+    # The re-ranker's sign AUC on test exposures among candidates (out of sample).
+    users = np.unique(dataset.test.users).astype(np.int64)
+    cands = candidates(users)[0]
+    like, dislike = reranker.predict(users, cands)
+    rows_ = np.arange(len(users))[:, None]
+    pos_t = np.asarray(test.positives[users][rows_, cands].todense())
+    neg_t = np.asarray(test.negatives[users][rows_, cands].todense())
+    exposed = (pos_t + neg_t) > 0
+    share = dislike / np.maximum(like + dislike, 1e-12)
+    diagnostics["sign_auc_test"] = auc(share[exposed], neg_t[exposed])
+    diagnostics["sign_auc_test_item_logit_only"] = auc(item_logit[cands][exposed], neg_t[exposed])
+    progress(f"{dataset.name}: {len(rows)} variants in {time.perf_counter() - started:.0f} s; "
+             f"re-ranker {diagnostics}")  # fmt: skip
+    return {"hyper": hyper.as_dict(), "rows": rows, "reranker": diagnostics}
 
 
 def references(quality: Path) -> dict[str, dict[str, float]]:
@@ -176,7 +304,9 @@ def markdown(record: dict[str, Any]) -> str:
         "`served` is the factorised model as shipped (with `suppression g`: minus g times the "
         "largest cosine to the user's train dislikes, as served). `t` is the autoencoder's "
         "weight on dislikes in its target (the selected model uses its input weight), `a` "
-        "the exponent of the dislike-propensity factor (0: none). *both* marks test NDCG@20 "
+        "the exponent of the dislike-propensity factor (0: none); `learned lambda` re-ranks "
+        f"the top {CANDIDATES} by P(like) - lambda P(dislike) from two logistic regressions "
+        "fitted on valid (so its valid figures are in-sample). *both* marks test NDCG@20 "
         "above EASE's and at least SIGformer's, and NegHit@20 at most LightGCN's: the bars of "
         "issue 3 that pull against each other.",
     ]
@@ -200,6 +330,15 @@ def markdown(record: dict[str, Any]) -> str:
                 f"{t['recall@20']:.4f} | {t['ndcg@20']:.4f} | {t['neghit@20']:.4f} | "
                 f"{'—' if ok is None else ('**yes**' if ok else 'no')} |"
             )
+        if "reranker" in ds:
+            d = ds["reranker"]
+            lines += [
+                "",
+                "Learned re-ranker, AUC of P(dislike) / (P(like) + P(dislike)) for telling a "
+                f"candidate's dislike from a like: valid (in-sample) {d['sign_auc_valid']:.3f}, "
+                f"test {d['sign_auc_test']:.3f}; the item's dislike rate alone, test "
+                f"{d['sign_auc_test_item_logit_only']:.3f}.",
+            ]
         hits = [r["variant"] for r in ds["rows"] if meets(r, ref)]
         lines += ["", f"Variants meeting both: {', '.join(hits) if hits else 'none'}."]
     return "\n".join(lines) + "\n"
@@ -215,8 +354,13 @@ def plot(record: dict[str, Any], path: Path) -> None:
     datasets = record["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
     for ax, (name, ds) in zip(axes[0], datasets.items(), strict=True):
+        learned = sorted((r for r in ds["rows"] if "learned" in r), key=lambda r: r["learned"])
+        ax.plot([r["test"]["neghit@20"] for r in learned],
+                [r["test"]["ndcg@20"] for r in learned], marker="s", color="purple",
+                label="learned re-rank (lambda varies)")  # fmt: skip
         for a in PROPENSITY:
-            rows = sorted((r for r in ds["rows"] if not r["served"] and r["propensity"] == a),
+            rows = sorted((r for r in ds["rows"]
+                           if not r["served"] and "learned" not in r and r["propensity"] == a),
                           key=lambda r: r["target"])  # fmt: skip
             ax.plot([r["test"]["neghit@20"] for r in rows], [r["test"]["ndcg@20"] for r in rows],
                     marker="o", label=f"propensity a={a:g} (t varies)")  # fmt: skip
