@@ -2,8 +2,10 @@
 
 A user's ranking is a pure function of the item side (model version), that user's vector and
 that user's signed feedback; nobody else's events touch it. So it stays exact until that user's
-next event or the next model swap, and the state invalidates on exactly those. Bounded: when full,
-the user cached longest ago is dropped first.
+next event or the next model swap, and the state invalidates on exactly those. Bounded: at most
+``capacity`` users (when full, the user cached longest ago is dropped first) and at most
+``variants`` rankings per user (a client cycling through every k would otherwise make one user's
+entry grow without limit; the oldest variant goes first).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ Variant = tuple[int, bool]  # (k, include_liked)
 class RankingCache(Generic[Value]):
     """Per-user memo of rankings by (k, include_liked), at most ``capacity`` users (0: off)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, variants: int = 8) -> None:
+        if variants < 1:
+            raise ValueError(f"variants must be >= 1, got {variants}")
         self.capacity = capacity
+        self.variants = variants
         self._users: dict[int, dict[Variant, Value]] = {}
         self.hits = 0
         self.misses = 0
@@ -46,6 +51,8 @@ class RankingCache(Generic[Value]):
             if len(self._users) >= self.capacity:
                 del self._users[next(iter(self._users))]
             entry = self._users[user] = {}
+        elif variant not in entry and len(entry) >= self.variants:
+            del entry[next(iter(entry))]
         entry[variant] = value
 
     def invalidate(self, users: Iterable[int]) -> None:

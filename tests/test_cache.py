@@ -44,6 +44,19 @@ def test_cache_matches_a_plain_model(capacity: int, ops: list[tuple[str, int, in
                 assert cache.get(u, (kk, False)) == model.get(u, {}).get((kk, False))
 
 
+def test_cache_keeps_a_bounded_number_of_variants_per_user() -> None:
+    cache: RankingCache[str] = RankingCache(2, variants=2)
+    for k in (10, 20, 30):
+        cache.put(1, (k, False), f"k{k}")
+    assert cache.get(1, (10, False)) is None  # the oldest variant went first
+    assert cache.get(1, (20, False)) == "k20"
+    cache.put(1, (20, False), "again")  # replacing a kept variant drops nothing
+    assert cache.get(1, (30, False)) == "k30"
+    assert cache.get(1, (20, False)) == "again"
+    with pytest.raises(ValueError, match="variants"):
+        RankingCache(2, variants=0)
+
+
 def test_cache_counts_hits_and_misses() -> None:
     cache: RankingCache[str] = RankingCache(2)
     assert cache.get(1, (20, False)) is None
@@ -68,13 +81,13 @@ def _record(seq: int, user: str, item: str, kind: str) -> EventRecord:
 def test_state_serves_memo_until_the_users_own_event(state: LiveState) -> None:
     first = state.recommend_many(["0", "1"], 5)
     again = state.recommend_many(["0", "1"], 5)
-    assert again[0] is first[0]
-    assert again[1] is first[1]
+    assert again == first  # unpacked from the memo: the same ids, and float32 scores exactly
     assert state.cache.hits == 2
     top = first[0].items[0]
     # Another user's event leaves user 0's memo alone; user 0's own dislike replaces it.
     state.apply([_record(1, "1", top, "like")])
-    assert state.recommend_many(["0"], 5)[0] is first[0]
+    assert state.recommend_many(["0"], 5)[0] == first[0]
+    assert state.cache.hits == 3
     state.apply([_record(2, "0", top, "dislike")])
     after = state.recommend_many(["0"], 5)[0]
     assert top not in after.items
