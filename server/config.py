@@ -83,8 +83,8 @@ class RankingConfig(Base):
     # nothing else feeds a user's ranking); 0 turns the memo off.
     cache_users: Annotated[int, msgspec.Meta(ge=0)] = 20_000
     # (k, include_liked) variants kept per user, oldest dropped first; each ranking is stored
-    # packed (8 bytes an item plus ~50 bytes), so the memo holds at most
-    # cache_users * cache_variants_per_user * (8 * max_k + 50) bytes: ~260 MB at the defaults.
+    # packed (8 bytes an item plus ~130 bytes with its key), so the memo holds at most
+    # cache_users * cache_variants_per_user * (8 * max_k + 130) bytes: ~280 MB at the defaults.
     cache_variants_per_user: Annotated[int, msgspec.Meta(ge=1)] = 8
 
 
