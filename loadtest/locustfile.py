@@ -109,5 +109,7 @@ class RecommenderUser(FastHttpUser):
                 return
             body = r.json()
             items = body.get("items")
-            if not isinstance(items, list) or len(items) != K or body.get("user_id") != user:
+            # Fewer than K is right for a user who has given feedback on nearly the whole
+            # catalogue (seen items are excluded): the Zipf-top user gets ~16% of all events.
+            if not isinstance(items, list) or len(items) > K or body.get("user_id") != user:
                 r.failure("recommendations: wrong shape")
