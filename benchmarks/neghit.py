@@ -88,22 +88,21 @@ class Reranker:
         self.models: dict[str, torch.nn.Linear] = {}
         self.mean = self.std = torch.zeros(0)
 
-    def fit(self, users: np.ndarray, cands: np.ndarray, truth: Truth) -> dict[str, float]:
-        """Fit both regressions on the candidates of ``users``; returns the sign AUC on them."""
+    def fit(self, users: np.ndarray, cands: np.ndarray, truth: Truth) -> None:
+        """Fit both regressions on the candidates of ``users`` against their labels in ``truth``."""
         x = torch.from_numpy(self.features(users, cands).reshape(cands.size, -1))
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         x = (x - self.mean) / self.std
-        rows = np.arange(len(users))[:, None]
-        labels = {
-            "like": np.asarray(truth.positives[users][rows, cands].todense()),
-            "dislike": np.asarray(truth.negatives[users][rows, cands].todense()),
-        }
-        for name, y in labels.items():
+        for name, y in zip(("like", "dislike"), candidate_labels(truth, users, cands), strict=True):
             self.models[name] = fit_logistic(x, torch.from_numpy(y.reshape(-1).astype(np.float32)))
+
+    def sign_auc(self, users: np.ndarray, cands: np.ndarray, truth: Truth) -> float:
+        """How well P(dislike) / (P(like) + P(dislike)) tells the split's dislikes from likes."""
+        liked, disliked = candidate_labels(truth, users, cands)
         like, dislike = self.predict(users, cands)
-        exposed = (labels["like"] + labels["dislike"]) > 0
+        exposed = liked | disliked
         share = dislike / np.maximum(like + dislike, 1e-12)
-        return {"sign_auc_valid": auc(share[exposed], labels["dislike"][exposed])}
+        return auc(share[exposed], disliked[exposed])
 
     def predict(self, users: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P(like) and P(dislike) per candidate, shaped like ``cands``."""
@@ -113,6 +112,17 @@ class Reranker:
             out = [torch.sigmoid(self.models[n](x)).numpy().reshape(cands.shape)
                    for n in ("like", "dislike")]  # fmt: skip
         return out[0], out[1]
+
+
+def candidate_labels(
+    truth: Truth, users: np.ndarray, cands: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks, shaped like ``cands``: which candidates the split has as likes, dislikes."""
+    rows = np.arange(len(users))[:, None]
+    return (
+        np.asarray(truth.positives[users][rows, cands].todense(), dtype=bool),
+        np.asarray(truth.negatives[users][rows, cands].todense(), dtype=bool),
+    )
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4) -> torch.nn.Linear:
@@ -212,7 +222,9 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
 
     reranker = Reranker(features)
     fitted = np.unique(dataset.valid.users).astype(np.int64)
-    diagnostics = reranker.fit(fitted, candidates(fitted)[0], valid)
+    fitted_cands = candidates(fitted)[0]
+    reranker.fit(fitted, fitted_cands, valid)
+    diagnostics = {"sign_auc_valid": reranker.sign_auc(fitted, fitted_cands, valid)}
 
     def variants(users: np.ndarray) -> dict[str, np.ndarray]:
         base = np.asarray(z[users] @ operator)
@@ -246,14 +258,12 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     # The re-ranker's sign AUC on test exposures among candidates (out of sample).
     users = np.unique(dataset.test.users).astype(np.int64)
     cands = candidates(users)[0]
-    like, dislike = reranker.predict(users, cands)
-    rows_ = np.arange(len(users))[:, None]
-    pos_t = np.asarray(test.positives[users][rows_, cands].todense())
-    neg_t = np.asarray(test.negatives[users][rows_, cands].todense())
-    exposed = (pos_t + neg_t) > 0
-    share = dislike / np.maximum(like + dislike, 1e-12)
-    diagnostics["sign_auc_test"] = auc(share[exposed], neg_t[exposed])
-    diagnostics["sign_auc_test_item_logit_only"] = auc(item_logit[cands][exposed], neg_t[exposed])
+    diagnostics["sign_auc_test"] = reranker.sign_auc(users, cands, test)
+    liked, disliked = candidate_labels(test, users, cands)
+    exposed = liked | disliked
+    diagnostics["sign_auc_test_item_logit_only"] = auc(
+        item_logit[cands][exposed], disliked[exposed]
+    )
     progress(f"{dataset.name}: {len(rows)} variants in {time.perf_counter() - started:.0f} s; "
              f"re-ranker {diagnostics}")  # fmt: skip
     return {"hyper": hyper.as_dict(), "rows": rows, "reranker": diagnostics}
