@@ -384,7 +384,7 @@ class Service:
         kernels.select_backend(self.config.kernels.backend)
         kernels.warmup()
         path, choice = rollout.choose(self.artifact, self.state_dir)
-        self.pinned, self.previous = choice.pinned, choice.previous
+        self.pinned, self.previous = choice.pinned, list(choice.previous)
         state = LiveState(path, self.state_dir, self.config)
         state.open_log()
         return state
@@ -447,7 +447,7 @@ class Service:
 
     async def _save_rollout(self) -> None:
         """Persist the pinned version and rollback stack; a failure only costs them on restart."""
-        choice = rollout.Rollout(pinned=self.pinned, previous=list(self.previous))
+        choice = rollout.Rollout(pinned=self.pinned, previous=tuple(self.previous))
         try:
             await asyncio.to_thread(rollout.write, self.state_dir, choice)
         except OSError as exc:

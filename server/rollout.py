@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from server.artifacts import MANIFEST, list_versions
+from server.config import Base
 from server.snapshot import atomic_write
 
 log = logging.getLogger("signedrec.rollout")
@@ -22,11 +23,11 @@ log = logging.getLogger("signedrec.rollout")
 FILE = "rollout.json"
 
 
-class Rollout(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Rollout(Base):
     """The pinned version (None: follow the newest) and the rollback stack, oldest first."""
 
     pinned: str | None = None
-    previous: list[str] = msgspec.field(default_factory=list)
+    previous: tuple[str, ...] = ()
 
 
 def read(state_dir: Path) -> Rollout:
@@ -52,25 +53,23 @@ def choose(artifact: Path, state_dir: Path) -> tuple[Path, Rollout]:
     A version directory given explicitly is served as given; a root serves its pinned version
     when that is still on disk, else its newest.
     """
-    rollout = read(state_dir)
-    if (artifact / MANIFEST).is_file():
-        root, chosen = artifact.parent, artifact.name
-        rollout.pinned = chosen
+    saved = read(state_dir)
+    explicit = (artifact / MANIFEST).is_file()
+    root = artifact.parent if explicit else artifact
+    versions = list_versions(root)
+    pinned = saved.pinned
+    if explicit:
+        pinned = chosen = artifact.name
     else:
-        root = artifact
-        versions = list_versions(root)
         chosen = versions[-1] if versions else ""
-        if rollout.pinned is not None:
-            if rollout.pinned in versions:
-                chosen = rollout.pinned
-                log.info("serving pinned version %s (set by an earlier reload or rollback)",
-                         chosen)  # fmt: skip
-            else:
-                log.warning("pinned version %s is no longer under %s: serving the newest",
-                            rollout.pinned, root)  # fmt: skip
-                rollout.pinned = None
-    on_disk = set(list_versions(root))
-    rollout.previous = [v for v in rollout.previous if v in on_disk]
-    while rollout.previous and rollout.previous[-1] == chosen:  # rolling back to itself: no-op
-        rollout.previous.pop()
-    return (root / chosen if chosen else root), rollout
+        if pinned in versions:
+            chosen = pinned
+            log.info("serving pinned version %s (set by an earlier reload or rollback)", chosen)
+        elif pinned is not None:
+            log.warning("pinned version %s is no longer under %s: serving the newest",
+                        pinned, root)  # fmt: skip
+            pinned = None
+    previous = [v for v in saved.previous if v in versions]
+    while previous and previous[-1] == chosen:  # rolling back to itself would do nothing
+        previous.pop()
+    return (root / chosen if chosen else root), Rollout(pinned=pinned, previous=tuple(previous))

@@ -28,10 +28,10 @@ def test_no_file_serves_the_newest(root: Path, tmp_path: Path) -> None:
 
 def test_pin_and_stack_round_trip(root: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    rollout.write(state, rollout.Rollout(pinned="v1", previous=["v3", "v2"]))
+    rollout.write(state, rollout.Rollout(pinned="v1", previous=("v3", "v2")))
     path, choice = rollout.choose(root, state)
     assert path == root / "v1"
-    assert choice == rollout.Rollout(pinned="v1", previous=["v3", "v2"])
+    assert choice == rollout.Rollout(pinned="v1", previous=("v3", "v2"))
     assert not (state / (rollout.FILE + ".tmp")).exists()
 
 
@@ -39,13 +39,13 @@ def test_versions_gone_from_disk_are_dropped(
     root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     state = tmp_path / "state"
-    rollout.write(state, rollout.Rollout(pinned="v9", previous=["v1", "v8", "v3"]))
+    rollout.write(state, rollout.Rollout(pinned="v9", previous=("v1", "v8", "v3")))
     with caplog.at_level(logging.WARNING, "signedrec.rollout"):
         path, choice = rollout.choose(root, state)
     assert "pinned version v9 is no longer under" in caplog.text
     # The newest is served; v8 is gone and v3 (now active) would be a roll back to itself.
     assert path == root / "v3"
-    assert choice == rollout.Rollout(pinned=None, previous=["v1"])
+    assert choice == rollout.Rollout(pinned=None, previous=("v1",))
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_unreadable_file_serves_the_newest(
 
 def test_an_explicit_version_directory_wins(root: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    rollout.write(state, rollout.Rollout(pinned="v1", previous=["v1"]))
+    rollout.write(state, rollout.Rollout(pinned="v1", previous=("v1",)))
     path, choice = rollout.choose(root / "v2", state)
     assert path == root / "v2"
-    assert choice == rollout.Rollout(pinned="v2", previous=["v1"])
+    assert choice == rollout.Rollout(pinned="v2", previous=("v1",))
