@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,11 +45,12 @@ from server.evaluate import (
     interaction_matrix,
 )
 from server.graph import build_graph
+from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
 SIGNEDREC = Path(sys.executable).parent / "signedrec"
-START_TIMEOUT = 300.0
+SERVER_ENV = {"SIGNEDREC_KERNELS__BACKEND": "cpu"}
 K = 20
 BAR_RATIO = 0.85
 TARGET_RATIO = 0.97
@@ -63,13 +62,6 @@ ROWS = ("static", "online", "retrained")
 def progress(message: str) -> None:
     """One progress line on stderr."""
     print(f"[online] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train_artifact(
@@ -121,62 +113,6 @@ def served_gamma(artifact: Artifact) -> tuple[float | None, str]:
     if trained is not None:
         return float(trained), "artifact manifest (selected on valid at training time)"
     return None, "server default (artifact records none)"
-
-
-class Server:
-    """A ``signedrec serve`` subprocess on a free loopback port with its own state dir."""
-
-    def __init__(self, artifact: Path, state_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu"}
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server.cli",
-                "serve",
-                "--artifact",
-                str(artifact),
-                "--port",
-                str(self.port),
-                "--state-dir",
-                str(state_dir),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self) -> float:
-        """Poll /readyz until it answers 200; seconds waited."""
-        started = time.monotonic()
-        with httpx.Client(base_url=self.url, timeout=10.0) as client:
-            while time.monotonic() - started < START_TIMEOUT:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return time.monotonic() - started
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        """SIGTERM and wait."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return int(self.proc.returncode)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -287,7 +223,7 @@ def keep_metrics(m: dict[str, float]) -> dict[str, float]:
 
 
 async def stream_and_evaluate(
-    server: Server,
+    server: ServeProcess,
     events: list[dict[str, Any]],
     batch: int,
     points: int,
@@ -372,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         gamma, gamma_source = served_gamma(static)
         progress(f"served suppression gamma: {gamma} ({gamma_source})")
-        server = Server(static_path, tmp / "state", tmp / "server.log")
+        server = ServeProcess(static_path, tmp / "state", tmp / "server.log", SERVER_ENV)
         try:
             ready_s = server.wait_ready()
             progress(f"server ready on {server.url} in {ready_s:.1f}s")

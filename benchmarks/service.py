@@ -23,8 +23,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ import psutil
 from server.artifacts import resolve
 from server.config import EventLogConfig
 from server.events import EventLog, NewEvent
+from server.launch import ServeProcess
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -67,13 +66,6 @@ F64 = npt.NDArray[np.float64]
 def progress(message: str) -> None:
     """One progress line on stderr."""
     print(f"[service] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load_avg() -> list[float]:
@@ -127,60 +119,21 @@ def artifact_ids(artifact: Path) -> tuple[list[str], list[str]]:
     return users, items
 
 
-class ServerProcess:
-    """A ``python -m server.cli serve`` subprocess on a free loopback port."""
+class ServerProcess(ServeProcess):
+    """The real server on CPU kernels, with the server's own BLAS defaults."""
 
     def __init__(self, artifact: Path, state_dir: Path, log_path: Path) -> None:
-        self.artifact = artifact
-        self.state_dir = state_dir
-        self.log_path = log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu"}
-        env.pop("OPENBLAS_NUM_THREADS", None)  # the server runs with its own defaults
-        self._log = log_path.open("wb")
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
-               "--port", str(self.port), "--state-dir", str(state_dir)]  # fmt: skip
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        # The client's OPENBLAS_NUM_THREADS=1 is not the server's: it runs with its defaults.
+        env = {"SIGNEDREC_KERNELS__BACKEND": "cpu", "OPENBLAS_NUM_THREADS": None}
+        super().__init__(artifact, state_dir, log_path, env)
 
-    def wait_ready(self, poll_s: float = 0.01) -> float:
-        """Poll /readyz until 200; seconds from process start to the first 200."""
-        deadline = self.started + START_TIMEOUT_S
-        with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited early:\n{self.log_text()[-3000:]}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return time.perf_counter() - self.started
-                except httpx.TransportError:
-                    pass
-                time.sleep(poll_s)
-        raise RuntimeError(f"server not ready in {START_TIMEOUT_S} s:\n{self.log_text()[-3000:]}")
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S, poll_s: float = 0.01) -> float:
+        """Seconds from process start to the first /readyz 200, polled finely (it is timed)."""
+        return super().wait_ready(timeout_s, poll_s)
 
     def rss_mb(self) -> float:
         """Resident set size of the server process in MiB."""
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def log_text(self) -> str:
-        """Everything the server wrote so far."""
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM, wait for exit (kill after 60 s); the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return int(self.proc.returncode)
+        return self.rss_bytes() / 2**20
 
 
 class CpuMeter:

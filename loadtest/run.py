@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,14 @@ from pathlib import Path
 import httpx
 import psutil
 
+from server.launch import ServeProcess
+
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = REPO / "benchmarks" / "reports"
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 P99_BAR_MS = 500.0
 ACHIEVED_SHARE = 0.99  # a step holds when it achieves at least this share of what was offered
+START_TIMEOUT_S = 300.0  # a first start on a GPU also compiles the CUDA kernels
 
 
 @dataclass
@@ -60,38 +62,6 @@ class Step:
             and self.p99_ms < P99_BAR_MS
             and self.achieved_rps >= ACHIEVED_SHARE * self.offered_rps
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(
-    artifact: Path, state_dir: Path, port: int, env: dict[str, str]
-) -> subprocess.Popen:
-    """Start `signedrec serve` and wait until /readyz answers 200."""
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = (state_dir.parent / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
-         "--port", str(port), "--state-dir", str(state_dir)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited during start; see server.log")
-            try:
-                if client.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 def cache_counts(port: int) -> tuple[float, float]:
@@ -303,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="signedrec-capacity-") as tmp:
         work = Path(tmp)
         for target in args.targets.split(","):
-            port = _free_port()
-            env = {**os.environ, "SIGNEDREC_SERVER__LOG_LEVEL": "warning"}
-            server = start_server(artifact, work / f"state-{target}" / "s", port, env)
+            state = work / f"state-{target}"
+            env = {"SIGNEDREC_SERVER__LOG_LEVEL": "warning"}
+            server = ServeProcess(artifact, state / "s", state / "server.log", env)
+            server.wait_ready(START_TIMEOUT_S)
+            port = server.port
             try:
                 for rate in rates:
                     print(f"[capacity] {target}: offering {rate:.0f} req/s for {args.duration}s",
@@ -322,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.keep_going and not step.holds:
                         break
             finally:
-                server.terminate()
-                server.wait(timeout=30)
+                server.stop()
     report(steps, args, device)
     print(f"wrote {REPORTS / 'capacity.md'}", file=sys.stderr)
     return 0

@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +50,7 @@ from server.index import set_cpu_threads
 from server.state import ItemSide, LiveState, Recommendation
 
 log = logging.getLogger("signedrec.api")
+EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
@@ -378,13 +379,18 @@ class Service:
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
+        self.load_error: BaseException | None = None
+        # Called once if loading fails; `serve` sets it to stop the server, so a process that
+        # cannot serve exits (and says why) instead of answering 503 forever.
+        self.on_load_failure: Callable[[], None] | None = None
 
     def load(self) -> LiveState:
         """Load artifact, warm kernels, replay the log (blocking; runs off the event loop)."""
-        kernels.select_backend(self.config.kernels.backend)
-        kernels.warmup()
+        # Which version to load first: a wrong --artifact fails here, before any kernel compiles.
         path, choice = rollout.choose(self.artifact, self.state_dir)
         self.pinned, self.previous = choice.pinned, list(choice.previous)
+        kernels.select_backend(self.config.kernels.backend)
+        kernels.warmup()
         state = LiveState(path, self.state_dir, self.config)
         state.open_log()
         return state
@@ -402,6 +408,19 @@ class Service:
         self.state = state
         tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    def loaded(self, task: asyncio.Task[None]) -> None:
+        """Done-callback of the loading task: a failure is logged with its cause, then reported."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.load_error = exc
+        if isinstance(exc, SignedrecError):
+            log.error("failed to load: %s", exc.message)
+        else:
+            log.error("failed to load", exc_info=exc)
+        if self.on_load_failure is not None:
+            self.on_load_failure()
 
     async def switch(self, version: str | None, rollback: bool = False) -> None:
         """Load a version off the event loop, then swap it in; the old one serves until then."""
@@ -722,6 +741,7 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
 
     async def on_startup(app: Litestar) -> None:
         service.loading = asyncio.create_task(service.start())
+        service.loading.add_done_callback(service.loaded)
 
     async def on_shutdown(app: Litestar) -> None:
         if service.loading is not None and not service.loading.done():
@@ -781,14 +801,24 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.server.port
     state_dir = Path(args.state_dir or config.server.state_dir or default_state_dir(artifact))
     app = create_app(artifact, state_dir, config)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level=config.server.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            log_level=config.server.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     )
+    service: Service = app.state["service"]
+    service.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    failure = service.load_error
+    if isinstance(failure, SignedrecError):
+        raise failure  # the CLI prints its message and exits 2, like any bad input
+    if failure is not None or not server.started:
+        return EXIT_STARTUP_FAILURE  # a bug (traceback logged) or the port could not be bound
     return 0

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,19 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.launch import STOP_TIMEOUT_S, ServeProcess, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT = REPO / "model_artifacts" / "default"
-START_TIMEOUT = 180.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A `signedrec serve` subprocess on a free loopback port."""
+class Server(ServeProcess):
+    """The real server for one test, ready when constructed, with an httpx client on it."""
 
     def __init__(
         self,
@@ -38,39 +29,17 @@ class Server:
         artifact: Path = ARTIFACT,
         timeout: float = 30.0,
     ) -> None:
-        self.state_dir = state_dir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SIGNEDREC_KERNELS__BACKEND": "cpu", **(extra_env or {})}
-        self.log_path = state_dir.parent / f"server-{self.port}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
-             "--port", str(self.port), "--state-dir", str(state_dir)],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        port = free_port()
+        env = {"SIGNEDREC_KERNELS__BACKEND": "cpu", **(extra_env or {})}
+        log_path = state_dir.parent / f"server-{port}.log"
+        super().__init__(artifact, state_dir, log_path, env, port=port)
         self.client = httpx.Client(base_url=self.url, timeout=timeout)
         self.wait_ready()
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """Close the client, then stop the process as ServeProcess does."""
         self.client.close()
-        self._log.close()
-        return code
+        return super().stop(sig, timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +331,19 @@ def test_corrupt_snapshot_is_ignored(tmp_path: Path) -> None:
     finally:
         again.stop()
     assert "ignoring snapshot" in again.log_path.read_text()
+
+
+def test_corrupt_event_log_stops_the_server_naming_the_file(tmp_path: Path) -> None:
+    """A server that cannot replay its log exits 2 and says where, instead of a silent 503."""
+    srv = Server(tmp_path / "state")
+    for n in range(5):
+        assert _post(srv, [_event("corrupt", str(n), "like")]).status_code == 200
+    srv.stop(signal.SIGKILL)  # no snapshot: the restart must replay every record
+    (segment,) = sorted((tmp_path / "state").rglob("events-*.log"))
+    damaged = bytearray(segment.read_bytes())
+    damaged[30] ^= 0xFF  # inside the first record, with good records after it
+    segment.write_bytes(bytes(damaged))
+    with pytest.raises(RuntimeError, match="server exited with 2") as caught:
+        Server(tmp_path / "state")
+    assert segment.name in str(caught.value)
+    assert segment.read_bytes() == bytes(damaged)  # refused, not repaired or truncated

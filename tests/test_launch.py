@@ -1,0 +1,35 @@
+"""The shared launcher of the real server process: environment overlay and failure reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.launch import ServeProcess, child_environment
+
+
+def test_overlay_sets_and_removes_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGNEDREC_TEST_KEEP", "kept")
+    monkeypatch.setenv("SIGNEDREC_TEST_DROP", "dropped")
+    env = child_environment({"SIGNEDREC_TEST_NEW": "1", "SIGNEDREC_TEST_DROP": None,
+                             "SIGNEDREC_TEST_ABSENT": None})  # fmt: skip
+    assert env["SIGNEDREC_TEST_KEEP"] == "kept"
+    assert env["SIGNEDREC_TEST_NEW"] == "1"
+    assert "SIGNEDREC_TEST_DROP" not in env
+    assert "SIGNEDREC_TEST_ABSENT" not in env
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-artifact"
+    log_path = tmp_path / "server.log"
+    log_path.write_text("an earlier run's line\n")
+    server = ServeProcess(
+        missing, tmp_path / "state", log_path, {"SIGNEDREC_KERNELS__BACKEND": "cpu"}
+    )
+    with pytest.raises(RuntimeError, match="server exited with 2") as caught:
+        server.wait_ready(timeout_s=120.0)
+    assert str(missing) in str(caught.value)  # the CLI's own message, from the log's tail
+    assert "an earlier run's line" not in server.log_text()  # this process's output only
+    assert "an earlier run's line" in log_path.read_text()  # appended, not truncated
+    assert server.stop() == 2
