@@ -31,9 +31,6 @@ import platform
 import random
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,14 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from server.artifacts import list_versions, load_artifact, save_artifact
+from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
 DEFAULT_ROOT = REPO / "model_artifacts" / "default"
-START_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 10.0
 SERVER_ENV = {"SIGNEDREC_KERNELS__BACKEND": "cpu"}
 # Older than the default version, so a plain start serves the default and reload picks this.
@@ -66,76 +62,16 @@ def progress(message: str) -> None:
     print(f"[reliability {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- the server process ----------------------------------------------------------------------
-class Server:
-    """One ``signedrec serve`` subprocess on a free port; its log appended to ``log_path``."""
+class Server(ServeProcess):
+    """The real server with this benchmark's environment; its log appended to ``log_path``."""
 
     def __init__(self, artifact: Path, state_dir: Path, log_path: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.started = time.monotonic()
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.log_offset = log_path.stat().st_size
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(artifact),
-             "--port", str(self.port), "--state-dir", str(state_dir)],
-            cwd=REPO, env={**os.environ, **SERVER_ENV, **env}, stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.pid = self.proc.pid
+        super().__init__(artifact, state_dir, log_path, {**SERVER_ENV, **env})
 
-    def log_text(self) -> str:
-        """What this process wrote to the log."""
-        with self.log_path.open("rb") as handle:
-            handle.seek(self.log_offset)
-            return handle.read().decode(errors="replace")
-
-    async def wait_ready(self) -> float:
-        """Seconds from spawn until /readyz answers 200."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_text()[-3000:]}")
-            conn = Conn(self.port)
-            try:
-                status, _ = await conn.request("GET", "/readyz")
-                if status == 200:
-                    return time.monotonic() - self.started
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-                pass
-            finally:
-                conn.close()
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"server not ready: {self.log_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL now and reap."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-    def stop(self) -> int:
-        """SIGTERM (graceful: flush, snapshot) and reap."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
-        self._log.close()
-        return code
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the server process has used."""
-        times = psutil.Process(self.pid).cpu_times()
-        return float(times.user + times.system)
-
-    def rss(self) -> int:
-        """Resident set size of the server process, in bytes."""
-        return int(psutil.Process(self.pid).memory_info().rss)
+    async def until_ready(self) -> float:
+        """Seconds from spawn until /readyz answers 200, polled without blocking the loop."""
+        return await asyncio.to_thread(self.wait_ready)
 
 
 # -- a tiny keep-alive HTTP/1.1 client (cheap enough to drive hundreds of req/s on 2 cores) -----
@@ -356,7 +292,7 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
             progress(f"crash cycle {cycle + 1}/{cycles}: killed during start-up "
                      f"(ready already: {row['ready_at_kill']})")  # fmt: skip
             continue
-        row["ready_s"] = round(await server.wait_ready(), 3)
+        row["ready_s"] = round(await server.until_ready(), 3)
         last_ready = row["ready_s"]
         row["in_doubt_before"] = sum(len(b) for b in ledger.in_doubt)
         acked_before = len(ledger.acked)
@@ -385,7 +321,7 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
                  "at the kill")  # fmt: skip
     # Audit on a final start; the last kill's unanswered events are left in doubt (not re-sent).
     server = Server(DEFAULT_ROOT, state_dir, log_path, env)
-    final_ready = await server.wait_ready()
+    final_ready = await server.until_ready()
     histories = await _fetch_histories(server.port, users)
     server.stop()
     seen: collections.Counter[str] = collections.Counter(
@@ -443,6 +379,7 @@ class LoadStats:
     fallback: int = 0
     versions: collections.Counter[str] = field(default_factory=collections.Counter)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (t since start, ms)
+    by_kind: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     late: int = 0
     failures: list[str] = field(default_factory=list)
     elapsed: float = 0.0
@@ -479,6 +416,7 @@ async def open_loop(
                 continue
             took = (time.monotonic() - sent) * 1000.0
             stats.latencies.append((sent - started, took))
+            stats.by_kind[kind].append(took)
             if not 200 <= status < 300:
                 stats.failed[f"{kind}:{status}"] += 1
                 if len(stats.failures) < 20:
@@ -549,8 +487,47 @@ def latency_summary(stats: LoadStats, cpu_s: float) -> dict[str, Any]:
         "p50_ms": round(percentile(ms, 50), 2),
         "p99_ms": round(percentile(ms, 99), 2),
         "max_ms": round(max(ms), 2) if ms else None,
+        # Per request kind, so an outlier can be traced: reads never wait on the disk, while a
+        # feedback answer waits for its fsync by design.
+        "by_kind": {
+            kind: {
+                "n": len(v),
+                "p50_ms": round(percentile(v, 50), 2),
+                "p99_ms": round(percentile(v, 99), 2),
+                "max_ms": round(max(v), 2),
+            }
+            for kind, v in sorted(stats.by_kind.items())
+        },
         "fallback_for_known_users": stats.fallback,
     }
+
+
+async def server_histograms(port: int) -> dict[str, Any]:
+    """The server's own fsync and per-route handler latency histograms, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = Conn(port)
+    status, body = await conn.request("GET", "/metrics")
+    conn.close()
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}")
+    out: dict[str, Any] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name not in ("signedrec_fsync_seconds", "signedrec_request_seconds"):
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            key = family.name + (f":{sample.labels['route']}" if "route" in sample.labels else "")
+            out.setdefault(key, {})[sample.labels["le"]] = int(sample.value)
+    return out
+
+
+def slowest_bucket(buckets: dict[str, int]) -> dict[str, Any]:
+    """From cumulative histogram buckets: total count and how many took longer than each bound."""
+    total = buckets.get("+Inf", 0)
+    bounds = sorted((float(le), n) for le, n in buckets.items() if le != "+Inf")
+    return {"count": total, "over_s": {f"{b:g}": total - n for b, n in bounds if b >= 0.05}}
 
 
 # -- (b) reload under load -------------------------------------------------------------------
@@ -561,7 +538,7 @@ async def reload_benchmark(tmp: Path, rate: float, seconds: float, swaps: int, s
     items, trained = catalogue()
     root, first = make_root(tmp)
     server = Server(root, tmp / "reload-state", tmp / "reload-server.log", {})
-    await server.wait_ready()
+    await server.until_ready()
     online = [f"online-{i}" for i in range(100)] + trained[100:200]
     await seed_online_users(server.port, online, items, rng)
     stats = LoadStats()
@@ -592,7 +569,7 @@ async def reload_benchmark(tmp: Path, rate: float, seconds: float, swaps: int, s
     probe = Conn(server.port)
     final = json.loads((await probe.request("GET", "/v1/model"))[1])
     probe.close()
-    rss = server.rss()
+    rss = server.rss_bytes()
     server.stop()
     summary = latency_summary(stats, cpu_s)
     summary["load_avg_1m_before_after"] = [round(load0, 2), round(load1, 2)]
@@ -639,7 +616,7 @@ async def soak_benchmark(tmp: Path, rate: float, seconds: float, seed: int) -> d
     rng = random.Random(seed)
     items, trained = catalogue()
     server = Server(DEFAULT_ROOT, tmp / "soak-state", tmp / "soak-server.log", {})
-    await server.wait_ready()
+    await server.until_ready()
     online = [f"soak-{i}" for i in range(500)]
     await seed_online_users(server.port, online[:100], items, rng)
     reads = mixed_reads(rng, trained, online[:100], items)
@@ -660,10 +637,10 @@ async def soak_benchmark(tmp: Path, rate: float, seconds: float, seed: int) -> d
 
     async def sampler() -> None:
         while not done.is_set():
-            samples.append((round(time.monotonic() - started, 2), server.rss() / 2**20))
+            samples.append((round(time.monotonic() - started, 2), server.rss_bytes() / 2**20))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), SOAK_SAMPLE_S)
-        samples.append((round(time.monotonic() - started, 2), server.rss() / 2**20))
+        samples.append((round(time.monotonic() - started, 2), server.rss_bytes() / 2**20))
 
     stats = LoadStats()
     sampling = asyncio.create_task(sampler())
@@ -672,9 +649,11 @@ async def soak_benchmark(tmp: Path, rate: float, seconds: float, seed: int) -> d
     cpu_s, load1 = server.cpu_s() - cpu0, os.getloadavg()[0]
     done.set()
     await sampling
+    histograms = await server_histograms(server.port)
     server.stop()
     summary = latency_summary(stats, cpu_s)
     summary["load_avg_1m_before_after"] = [round(load0, 2), round(load1, 2)]
+    summary["server_histograms"] = {k: slowest_bucket(v) for k, v in histograms.items()}
     after = [(t, mb) for t, mb in samples if t >= SOAK_WARMUP_S]
     result: dict[str, Any] = {
         "target_rps": rate,
@@ -904,13 +883,29 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"server's RSS is sampled every {soak['sample_every_s']:g} s. Growth compares the "
         f"mean RSS of the 30 s after the {soak['warmup_s']:g} s warm-up with the mean of the "
         "last 30 s. Feedback legitimately grows the state (each event adds its id to the "
-        "idempotency set and a history row), so a small positive slope is expected.",
+        "idempotency set and a history row), so a small positive slope is expected. Latency "
+        "is also given per request kind, with the server's own fsync and handler histograms "
+        "(`/metrics`, scraped at the end): a feedback post is answered only after its fsync, "
+        "so a slow disk shows up there and nowhere else.",
         "",
         "| quantity | value |",
         "|---|---|",
         f"| requests ok / failed | {soak['requests_ok']:,} / {soak['requests_failed']} |",
         f"| achieved rate | {soak['achieved_rps']} req/s ({soak['late_starts']} late starts) |",
         f"| latency p50 / p99 / max | {soak['p50_ms']} / {soak['p99_ms']} / {soak['max_ms']} ms |",
+        *(
+            f"| — {kind} ({v['n']:,}): p50 / p99 / max | {v['p50_ms']} / {v['p99_ms']} / "
+            f"{v['max_ms']} ms |"
+            for kind, v in soak.get("by_kind", {}).items()
+        ),
+        *(
+            f"| server `{name}` ({h['count']:,}) slower than "
+            + " / ".join(f"{b}" for b in h["over_s"])
+            + " s | "
+            + " / ".join(str(n) for n in h["over_s"].values())
+            + " |"
+            for name, h in soak.get("server_histograms", {}).items()
+        ),
         f"| server CPU / machine load (1 min, before → after) | {soak['server_cpu_pct']}% of "
         f"one core / {soak['load_avg_1m_before_after'][0]} → "
         f"{soak['load_avg_1m_before_after'][1]} |",
