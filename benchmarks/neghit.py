@@ -20,6 +20,9 @@ then scores valid and test with two families of dislike avoidance on the selecte
   user's train dislikes and likes, popularity and activity) give P(like) and P(dislike); items
   rank by ``P(like) - lambda P(dislike)``. Its valid figures are in-sample.
 
+A diagnostic asks whether dislikes are personal at all: the sign AUC of user and item dislike
+rates against a logistic matrix factorisation fitted on the train exposures.
+
 Scores use the unfactorised operator (an upper bound of the served rank-``dim`` model, which is
 also listed, with the look-alike suppression it serves at a few strengths). Writes
 ``benchmarks/reports/neghit.{md,json,png}``; progress goes to stderr.
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair
@@ -50,6 +54,7 @@ from server.train import (
     normalise_rows,
     pin_malloc_threshold,
     set_threads,
+    unit_rows,
 )
 
 TARGETS = (0.0, -0.5, -1.0, -2.0)  # dislike weights in the target, besides the model's own
@@ -58,6 +63,12 @@ SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths
 PRIOR_STRENGTH = 16.0  # pseudo-ratings pulling user and item dislike rates to the global rate
 CANDIDATES = 100  # per user, re-ranked by the learned variants
 LEARNED = (0.0, 0.5, 1.0, 2.0)  # lambda: weight of P(dislike) against P(like)
+# Diagnostic: is a dislike personal beyond "this user dislikes often, this item is often
+# disliked"? A logistic matrix factorisation with biases on the train exposures says.
+SIGN_MF_DIM = 32
+SIGN_MF_L2 = 3.0
+SIGN_MF_EPOCHS = 300
+SIGN_MF_LR = 0.05
 
 
 def progress(message: str) -> None:
@@ -142,6 +153,43 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4) -> torch.nn
     return linear
 
 
+def fit_sign_mf(
+    positive: sp.csr_matrix, negative: sp.csr_matrix, dim: int = SIGN_MF_DIM
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Logit of P(like | exposed): biases plus a dim-d dot product, fitted on train exposures."""
+    torch.manual_seed(0)
+    exposed = (positive + negative).tocoo()
+    liked = np.asarray(positive[exposed.row, exposed.col]).ravel() != 0
+    rows = torch.from_numpy(exposed.row.astype(np.int64))
+    cols = torch.from_numpy(exposed.col.astype(np.int64))
+    target = torch.from_numpy(liked.astype(np.float32))
+    n_users, n_items = positive.shape
+    users = torch.nn.Parameter(0.01 * torch.randn(n_users, dim))
+    items = torch.nn.Parameter(0.01 * torch.randn(n_items, dim))
+    user_bias = torch.nn.Parameter(torch.zeros(n_users))
+    item_bias = torch.nn.Parameter(torch.zeros(n_items))
+    offset = torch.nn.Parameter(torch.zeros(()))
+    params = [users, items, user_bias, item_bias, offset]
+    optimiser = torch.optim.Adam(params, lr=SIGN_MF_LR)
+
+    def logit(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return offset + user_bias[r] + item_bias[c] + (users[r] * items[c]).sum(-1)
+
+    for _ in range(SIGN_MF_EPOCHS):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit(rows, cols), target)
+        penalty = sum(p.pow(2).sum() for p in params[:4])
+        (loss + SIGN_MF_L2 * penalty / len(rows)).backward()
+        optimiser.step()
+
+    def score(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return logit(torch.from_numpy(u.astype(np.int64)),
+                         torch.from_numpy(i.astype(np.int64))).numpy()  # fmt: skip
+
+    return score
+
+
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (ties broken by order)."""
     order = np.argsort(scores, kind="stable")
@@ -177,8 +225,7 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
         (np.asarray(positive.sum(axis=1)).ravel(), np.asarray(positive.sum(axis=0)).ravel()),
         (np.asarray(negative.sum(axis=1)).ravel(), np.asarray(negative.sum(axis=0)).ravel()),
     )
-    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-    unit = item_vectors / np.where(norms > 0, norms, 1.0)
+    unit = unit_rows(item_vectors)
     own = hyper.neg_weight
     targets = tuple(dict.fromkeys((own, *TARGETS)))  # the selected model's own target first
     served_meta = {"target": own, "propensity": 0.0, "served": True}
@@ -264,6 +311,13 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     diagnostics["sign_auc_test_item_logit_only"] = auc(
         item_logit[cands][exposed], disliked[exposed]
     )
+    owners = np.broadcast_to(users[:, None], cands.shape)
+    diagnostics["sign_auc_test_user_item_logits"] = auc(
+        (item_logit[cands] + user_logit[owners])[exposed], disliked[exposed]
+    )
+    for dim in (0, SIGN_MF_DIM):
+        like_logit = fit_sign_mf(positive, negative, dim)(owners[exposed], cands[exposed])
+        diagnostics[f"sign_auc_test_mf{dim}"] = auc(-like_logit, disliked[exposed])
     progress(f"{dataset.name}: {len(rows)} variants in {time.perf_counter() - started:.0f} s; "
              f"re-ranker {diagnostics}")  # fmt: skip
     return {"hyper": hyper.as_dict(), "rows": rows, "reranker": diagnostics}
@@ -348,6 +402,18 @@ def markdown(record: dict[str, Any]) -> str:
                 f"candidate's dislike from a like: valid (in-sample) {d['sign_auc_valid']:.3f}, "
                 f"test {d['sign_auc_test']:.3f}; the item's dislike rate alone, test "
                 f"{d['sign_auc_test_item_logit_only']:.3f}.",
+            ]
+        if "sign_auc_test_mf0" in ds.get("reranker", {}):
+            d = ds["reranker"]
+            gain = d[f"sign_auc_test_mf{SIGN_MF_DIM}"] - d["sign_auc_test_mf0"]
+            lines += [
+                "",
+                "Is a dislike personal? Test sign AUC over the same candidates: user and item "
+                f"dislike rates added {d['sign_auc_test_user_item_logits']:.3f}; a logistic "
+                "model fitted on train exposures with user and item biases only "
+                f"{d['sign_auc_test_mf0']:.3f}, and with a {SIGN_MF_DIM}-d user x item term "
+                f"as well {d[f'sign_auc_test_mf{SIGN_MF_DIM}']:.3f} ({gain:+.3f} from the "
+                "personal term).",
             ]
         hits = [r["variant"] for r in ds["rows"] if meets(r, ref)]
         lines += ["", f"Variants meeting both: {', '.join(hits) if hits else 'none'}."]

@@ -157,6 +157,32 @@ def dislike_penalty(unit: np.ndarray, negatives: sp.csr_matrix) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): cosines by dot products."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def served_scores(
+    item_table: np.ndarray, item_vectors: np.ndarray, graph: SignedGraph, neg_weight: float,
+    gamma: float,
+) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
+    """Score rows as the server ranks: normalised model scores minus gamma x dislike look-alike.
+
+    Offline the user's dislikes are all of its train dislikes (the server uses its most recent
+    ``ranking.suppression_recent``); with ``gamma`` 0 this is the model's own ranking.
+    """
+    z = graph.signed_input(neg_weight)
+    _, negatives = graph.matrices()
+    unit = unit_rows(item_vectors)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        scores = normalise_rows((z[users] @ item_table) @ item_vectors.T)
+        return scores - gamma * dislike_penalty(unit, negatives[users]) if gamma else scores
+
+    return score
+
+
 def normalise_rows(scores: np.ndarray) -> np.ndarray:
     """Each row divided by |its best score|, as serving ranks (all-zero rows stay as they are)."""
     top = np.abs(scores.max(axis=1, keepdims=True))
@@ -295,8 +321,7 @@ def train(
     def served(u: np.ndarray) -> np.ndarray:
         return (z[u] @ item_table) @ item_vectors.T
 
-    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-    unit = item_vectors / np.where(norms > 0, norms, 1.0)
+    unit = unit_rows(item_vectors)
     _, negatives = graph.matrices()
     fresh = _fresh_dislikes(dataset, graph, config)
 

@@ -1,14 +1,23 @@
-"""Candidate retrieval and ranking against brute force: pools, exclusion, batch independence."""
+"""Ranking against brute force: pools, exclusion, batch independence, the offline served scores."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.config import IndexConfig, RankingConfig
+from server.artifacts import load_artifact
+from server.config import IndexConfig, RankingConfig, load_config
+from server.data import load_dataset
+from server.evaluate import interaction_matrix
+from server.graph import build_graph
 from server.index import ItemIndex
 from server.ranking import Ragged, candidates, rank
+from server.state import LiveState
+from server.train import served_scores
+from tests.conftest import TinyDataset
 
 SMALL = RankingConfig(candidate_min=6, candidate_multiplier=2, exclusion_pad=4)
 
@@ -67,3 +76,31 @@ def test_a_users_ranking_does_not_depend_on_its_batch(seed: int, k: int) -> None
         np.testing.assert_allclose(batch_scores[row], scores[0], rtol=1e-6)
         assert not set(ids[0][ids[0] >= 0].tolist()) & set(seen[row].tolist())
         assert (ids[0] >= 0).sum() == k  # always k results: enough unseen candidates remain
+
+
+def test_server_ranks_as_the_offline_served_scores(
+    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path
+) -> None:
+    """The gamma chosen offline is judged on the ranking the server really gives.
+
+    For every trained user (all with train dislikes, fewer than suppression_recent), the live
+    state's top-k equals the top-k of ``server.train.served_scores`` with train items masked.
+    """
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env={}))
+    artifact = load_artifact(tiny_artifact)
+    gamma = float(artifact.manifest["ranking"]["suppression_gamma"])
+    assert gamma > 0  # the check must cover suppression, not only the raw model
+    dataset = load_dataset(tiny_dataset.path, tiny_dataset.threshold)
+    graph = build_graph(dataset.train, dataset.threshold, dataset.n_users, dataset.n_items)
+    score = served_scores(artifact.arrays["item_table"], artifact.arrays["item_vectors"], graph,
+                          artifact.neg_weight, gamma)  # fmt: skip
+    users = np.arange(dataset.n_users)
+    offline = score(users)
+    seen = interaction_matrix(dataset.train.users, dataset.train.items, *offline.shape)
+    offline[seen.toarray()] = -np.inf
+    k = 6
+    served = state.recommend_many([str(u) for u in users], k)
+    for user, answer in zip(users, served, strict=True):
+        expected = np.argsort(-offline[user], kind="stable")[:k]
+        assert [int(i) for i in answer.items] == expected.tolist()
+        np.testing.assert_allclose(answer.scores, offline[user, expected], rtol=1e-4, atol=1e-5)
