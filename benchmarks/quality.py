@@ -220,6 +220,7 @@ def run_ours(data: Path, threshold: float, work: Path) -> dict[str, Any]:
     manifest = json.loads((Path(artifact) / "manifest.json").read_text())
     return {
         "metrics": metrics,
+        "served": served_metrics(Path(artifact), data, threshold),
         "params": manifest["model"]["hyper"] | {"dim": manifest["model"]["dim"]},
         "train_seconds": round(wall, 2),
         "peak_rss_mb": round(rss, 1),
@@ -227,6 +228,31 @@ def run_ours(data: Path, threshold: float, work: Path) -> dict[str, Any]:
         "fit_seconds": manifest.get("train_seconds"),
         "inprocess_peak_rss_mib": manifest.get("peak_rss_mb"),
     }
+
+
+def served_metrics(artifact: Path, data: Path, threshold: float) -> dict[str, Any]:
+    """Test metrics of the ranking the server would give, with the artifact's dislike suppression.
+
+    The bars are on the model (``signedrec evaluate``); the server also sinks look-alikes of a
+    user's dislikes by the strength training chose, which costs some NDCG: both are reported.
+    """
+    from server.artifacts import load_artifact
+    from server.data import load_dataset
+    from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
+    from server.graph import build_graph
+    from server.train import served_scores
+
+    loaded = load_artifact(artifact)
+    ds = load_dataset(data, threshold)
+    graph = build_graph(ds.train, threshold, ds.n_users, ds.n_items)
+    gamma = float(loaded.manifest["ranking"]["suppression_gamma"])
+    score = served_scores(loaded.arrays["item_table"], loaded.arrays["item_vectors"], graph,
+                          loaded.neg_weight, gamma)  # fmt: skip
+    masked = interaction_matrix(ds.train.users, ds.train.items, ds.n_users, ds.n_items)
+    if ds.test is None:
+        raise SystemExit(f"{data}: needs test.txt")
+    truth = ground_truth(ds.test, threshold, ds.n_users, ds.n_items)
+    return {"suppression_gamma": gamma, "metrics": evaluate_scores(score, truth, masked)}
 
 
 def run_baseline_process(
@@ -404,6 +430,17 @@ def markdown(record: dict[str, Any]) -> str:
                 f"- {LABELS.get(key, key)}: {params_text(res['params'])}; in-process fit "
                 f"{fmt(res.get('fit_seconds'), 1)} s, in-process peak RSS "
                 f"{fmt(res.get('inprocess_peak_rss_mib'), 0)} MiB"
+            )
+        served = ds["models"]["ours"].get("served")
+        if served is not None:
+            sm, om = served["metrics"], ds["models"]["ours"]["metrics"]
+            lines.append(
+                f"- signedrec as served (the artifact's look-alike suppression, gamma "
+                f"{served['suppression_gamma']:g}, over each user's train dislikes): test "
+                f"Recall@20 {fmt(sm['recall@20'])}, NDCG@20 {fmt(sm['ndcg@20'])} "
+                f"({sm['ndcg@20'] / om['ndcg@20'] - 1:+.1%} against the model's own ranking), "
+                f"NegHit@20 {fmt(sm['neghit@20'])}. The bars below are on the model; serving "
+                "trades this much NDCG for look-alikes of a dislike sinking."
             )
         if "lightgcn" in ds["models"]:
             p = ds["models"]["lightgcn"]["params"]
