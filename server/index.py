@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from importlib.metadata import packages_distributions
 
 import faiss
 import numpy as np
@@ -12,10 +14,28 @@ from server.config import IndexConfig
 log = logging.getLogger("signedrec.index")
 
 
+def faiss_clash(providers: Mapping[str, list[str]] | None = None) -> str:
+    """Why the installed faiss may be a mix of builds ('' when it is not).
+
+    faiss-cpu and faiss-gpu both install the ``faiss`` module, so with both (faiss-cpu is a
+    default dependency, faiss-gpu comes with the ``gpu`` extra) each overwrites the other's
+    files, and the module left may have no GPU classes. Only one may stay.
+    """
+    found = sorted(set((providers or packages_distributions()).get("faiss", [])))
+    if len(found) < 2:
+        return ""
+    return (
+        f"the faiss module comes from several distributions ({', '.join(found)}) that overwrite "
+        f"each other's files; keep one: pip uninstall -y {' '.join(found)} && "
+        "pip install faiss-gpu"
+    )
+
+
 def gpu_count() -> tuple[int, str]:
     """How many GPUs faiss can use, with the reason when none."""
     if not hasattr(faiss, "StandardGpuResources"):
-        return 0, "this faiss build has no GPU support (faiss-cpu)"
+        clash = faiss_clash()
+        return 0, clash or "this faiss build has no GPU support (faiss-cpu)"
     try:
         count = int(faiss.get_num_gpus())
     except RuntimeError as exc:  # driver problems surface as RuntimeError

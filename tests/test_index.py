@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from server.config import IndexConfig, load_config
 from server.errors import ConfigError
-from server.index import ItemIndex, set_cpu_threads
+from server.index import ItemIndex, faiss_clash, set_cpu_threads
 
 CPU_FLAT = IndexConfig(kind="flat", device="cpu")
 
@@ -70,3 +70,12 @@ def test_cpu_threads_from_env_and_rejected_when_negative() -> None:
     assert config.index.cpu_threads == 3
     with pytest.raises(ConfigError, match="cpu_threads"):
         load_config(env={"SIGNEDREC_INDEX__CPU_THREADS": "-1"})
+
+
+def test_faiss_from_two_distributions_is_named_with_the_fix() -> None:
+    assert faiss_clash({"faiss": ["faiss-cpu"]}) == ""
+    assert faiss_clash({"numpy": ["numpy"]}) == ""
+    message = faiss_clash({"faiss": ["faiss-gpu", "faiss-cpu"], "numpy": ["numpy"]})
+    assert "faiss-cpu, faiss-gpu" in message
+    assert "pip uninstall -y faiss-cpu faiss-gpu && pip install faiss-gpu" in message
+    assert faiss_clash() == ""  # this environment has one faiss (the CI and dev installs)
