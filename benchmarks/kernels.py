@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 import kernels
+from benchmarks.host import cpu_model
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -291,17 +292,6 @@ def bench_suppress(
 
 # ---------------------------------------------------------------------------------------------
 # Report.
-
-
-def cpu_model() -> str:
-    """The CPU model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def threading_layer() -> str:

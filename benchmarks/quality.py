@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.host import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
 KS = (5, 10, 20)
@@ -559,15 +561,7 @@ def git_state() -> str:
 
 def machine() -> str:
     """CPU model and core count."""
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}"
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}"
 
 
 def load_avg() -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
+from benchmarks.host import cpu_model
 from server.artifacts import resolve
 from server.config import EventLogConfig
 from server.events import EventLog, NewEvent
@@ -71,17 +72,6 @@ def progress(message: str) -> None:
 def load_avg() -> list[float]:
     """The 1/5/15-minute load averages, rounded."""
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def filesystem_of(path: Path) -> str:
