@@ -663,6 +663,7 @@ async def _feedback(
 @get("/v1/users/{user_id:str}/history", responses=READ_ERRORS)
 async def history(request: Request, user_id: str, limit: int | None = None) -> HistoryOut:
     """The user's signed feedback, newest first."""
+    started = time.perf_counter()
     service = _service(request)
     state = service.live()
     service.limiter.take(service.guard.check("read", request.headers, _client(request)))
@@ -675,6 +676,7 @@ async def history(request: Request, user_id: str, limit: int | None = None) -> H
     rows = state.history(user_id, limit)
     if not rows and state.users.get(user_id) is None:
         raise UnknownUserError(f"user {user_id!r} has no feedback", {"user_id": user_id})
+    service.metrics.latency.labels("history").observe(time.perf_counter() - started)
     return HistoryOut(user_id=user_id, events=[HistoryEvent(*row) for row in rows])
 
 
@@ -689,11 +691,13 @@ async def similar(
     service.limiter.take(service.guard.check("read", request.headers, _client(request)))
     k = state.config.ranking.default_k if k is None else k
     items, scores = state.similar(item_id, k)
+    took = time.perf_counter() - started
+    service.metrics.latency.labels("similar").observe(took)
     return SimilarOut(
         item_id=item_id,
         model_version=state.item_side.version,
         items=[ScoredItem(i, s) for i, s in zip(items, scores, strict=True)],
-        took_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        took_ms=round(took * 1000.0, 3),
     )
 
 

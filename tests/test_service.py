@@ -89,7 +89,8 @@ def test_shapes(server: Server) -> None:
     assert len(hist["events"]) == 2
     assert set(hist["events"][0]) == {"event_id", "item_id", "kind", "value", "ts"}
     metrics = server.client.get("/metrics").text
-    assert "signedrec_request_seconds_bucket" in metrics
+    for route in ("recommendations", "similar", "history"):  # each read route is timed
+        assert f'signedrec_request_seconds_count{{route="{route}"}}' in metrics
     assert "signedrec_index_items" in metrics
 
 
