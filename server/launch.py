@@ -88,8 +88,11 @@ class ServeProcess:
         try:
             with urllib.request.urlopen(f"{self.url}/readyz", timeout=5.0) as answer:
                 return bool(answer.status == 200)
+        except urllib.error.HTTPError as answer:  # 503 while loading
+            answer.close()
+            return False
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False  # not listening yet, or 503 while loading
+            return False  # not listening yet
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S, poll_s: float = 0.05) -> float:
         """Block until ready; seconds from spawn to the first 200. On failure it is reaped."""
