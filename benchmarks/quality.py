@@ -239,6 +239,7 @@ def served_metrics(artifact: Path, data: Path, threshold: float) -> dict[str, An
     user's dislikes by the strength training chose, which costs some NDCG: both are reported.
     """
     from server.artifacts import load_artifact
+    from server.config import ModelConfig
     from server.data import load_dataset
     from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
     from server.graph import build_graph
@@ -247,14 +248,21 @@ def served_metrics(artifact: Path, data: Path, threshold: float) -> dict[str, An
     loaded = load_artifact(artifact)
     ds = load_dataset(data, threshold)
     graph = build_graph(ds.train, threshold, ds.n_users, ds.n_items)
-    gamma = float(loaded.manifest["ranking"]["suppression_gamma"])
+    ranking = loaded.manifest["ranking"]
+    gamma = float(ranking["suppression_gamma"])
+    beta = float(ranking.get("propensity_beta", 0.0))  # older artifacts: none
+    prior = float(ranking.get("propensity_prior", ModelConfig().propensity_prior))
     score = served_scores(loaded.arrays["item_table"], loaded.arrays["item_vectors"], graph,
-                          loaded.neg_weight, gamma)  # fmt: skip
+                          loaded.neg_weight, gamma, beta, prior)  # fmt: skip
     masked = interaction_matrix(ds.train.users, ds.train.items, ds.n_users, ds.n_items)
     if ds.test is None:
         raise SystemExit(f"{data}: needs test.txt")
     truth = ground_truth(ds.test, threshold, ds.n_users, ds.n_items)
-    return {"suppression_gamma": gamma, "metrics": evaluate_scores(score, truth, masked)}
+    return {
+        "suppression_gamma": gamma,
+        "propensity_beta": beta,
+        "metrics": evaluate_scores(score, truth, masked),
+    }
 
 
 def run_baseline_process(
@@ -438,11 +446,12 @@ def markdown(record: dict[str, Any]) -> str:
             sm, om = served["metrics"], ds["models"]["ours"]["metrics"]
             lines.append(
                 f"- signedrec as served (the artifact's look-alike suppression, gamma "
-                f"{served['suppression_gamma']:g}, over each user's train dislikes): test "
+                f"{served['suppression_gamma']:g}, over each user's train dislikes, and "
+                f"dislike propensity, beta {served.get('propensity_beta', 0.0):g}): test "
                 f"Recall@20 {fmt(sm['recall@20'])}, NDCG@20 {fmt(sm['ndcg@20'])} "
                 f"({sm['ndcg@20'] / om['ndcg@20'] - 1:+.1%} against the model's own ranking), "
                 f"NegHit@20 {fmt(sm['neghit@20'])}. The bars below are on the model; serving "
-                "trades this much NDCG for look-alikes of a dislike sinking."
+                "trades this much NDCG for look-alikes of a dislike, and likely dislikes, sinking."
             )
         if "lightgcn" in ds["models"]:
             p = ds["models"]["lightgcn"]["params"]

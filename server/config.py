@@ -53,6 +53,12 @@ class ModelConfig(Base):
     suppression_sink_rate: float = 0.5
     suppression_lookalikes: int = 5
     suppression_sample: int = 500
+    # Dislike propensity (server/propensity.py): ranking subtracts beta x P(user dislikes item);
+    # the largest beta of the grid whose valid NDCG@20 stays within the tolerance of beta 0 (with
+    # the chosen suppression) is stored in the artifact. `prior` smooths user and item rates.
+    propensity_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
+    propensity_tolerance: float = 0.01
+    propensity_prior: float = 16.0
 
 
 class EventWeights(Base):
@@ -77,6 +83,8 @@ class RankingConfig(Base):
     exclusion_pad: Annotated[int, msgspec.Meta(ge=0)] = 64
     # None: use the strength validated at training time and stored in the artifact.
     suppression_gamma: float | None = None
+    # None: use the dislike-propensity weight validated at training time (0 for older artifacts).
+    propensity_beta: float | None = None
     suppression_recent: int = 50
     exclude_seen: bool = True
     # Users whose finished rankings are memoised until their next event or a model swap (exact:

@@ -9,6 +9,7 @@ import numpy as np
 import kernels
 from server.config import RankingConfig
 from server.index import ItemIndex
+from server.propensity import Propensity
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +66,24 @@ def rank(
     k: int,
     gamma: float,
     config: RankingConfig,
+    propensity: Propensity | None = None,
+    user_logits: np.ndarray | None = None,
+    beta: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (ids int32, scores float32) per query row after exclusion and suppression."""
+    """Top-k (ids int32, scores float32) per query row after exclusion and suppression.
+
+    With ``beta`` > 0 each candidate also loses ``beta`` x P(this user dislikes it), from the
+    rows' dislike-rate ``user_logits`` and the item rates of ``propensity``.
+    """
     scores, ids = candidates(index, queries, np.diff(excluded.indptr), k, config)
     # Scores are relative to each query's best candidate, so gamma means the same for every
     # user regardless of how much history (and so vector norm) they have.
     top = np.abs(scores[:, :1])
     scores = scores / np.where(top > 0, top, 1.0)
+    if beta and propensity is not None and user_logits is not None:
+        # Only lowers scores, so the kernel's pruning on raw scores stays exact.
+        chance = propensity.probability(user_logits, np.where(ids >= 0, ids, 0))
+        scores = scores - np.float32(beta) * chance
     return kernels.suppress_topk(
         np.ascontiguousarray(ids, dtype=np.int64),
         np.ascontiguousarray(scores, dtype=np.float32),

@@ -28,6 +28,7 @@ from server.dedup import RecentIds
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
 from server.events import EventLog, EventRecord, NewEvent, OpenReport
 from server.index import ItemIndex
+from server.propensity import Propensity
 from server.ranking import Ragged, rank
 
 log = logging.getLogger("signedrec.state")
@@ -45,6 +46,8 @@ class UserFeedback:
     history: deque[tuple[int, str, int, str, float | None, float]] = field(default_factory=deque)
     seen_cache: np.ndarray | None = None
     negative_cache: np.ndarray | None = None
+    # Strength-weighted (likes, dislikes), for the dislike propensity; rebuilt with seen_cache.
+    counts: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,16 @@ class ItemSide:
         trained_gamma = artifact.manifest.get("ranking", {}).get("suppression_gamma", 0.0)
         configured = config.ranking.suppression_gamma
         self.gamma = float(trained_gamma if configured is None else configured)
+        ranking = artifact.manifest.get("ranking", {})
+        trained_beta = ranking.get("propensity_beta", 0.0)  # older artifacts: none
+        self.beta = float(trained_beta if config.ranking.propensity_beta is None
+                          else config.ranking.propensity_beta)  # fmt: skip
+        n_items = len(arrays["item_ids"])
+        self.propensity = Propensity.from_counts(
+            np.bincount(arrays["pos_items"], minlength=n_items),
+            np.bincount(arrays["neg_items"], minlength=n_items),
+            float(ranking.get("propensity_prior", config.model.propensity_prior)),
+        )
         self.index = ItemIndex(self.vectors, config.index, "score")
         self.similar_index = ItemIndex(self.unit, config.index, "similar")
 
@@ -437,20 +450,26 @@ class LiveState:
         self.since_snapshot += len(users)
 
     # -- reads -------------------------------------------------------------------------------
-    def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+    def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """Items to exclude, recent dislikes, and (likes, dislikes) counted by strength."""
         feedback = self.feedback.get(user)
         recent = self.config.ranking.suppression_recent
         if feedback is None:
             if user >= self.n_trained_users:
-                return np.empty(0, np.int32), np.empty(0, np.int32)
+                return np.empty(0, np.int32), np.empty(0, np.int32), (0.0, 0.0)
             pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
             neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
-            return np.sort(np.concatenate([pos, neg])), neg[-recent:]
+            return np.sort(np.concatenate([pos, neg])), neg[-recent:], (len(pos), len(neg))
         if feedback.seen_cache is None:
             feedback.seen_cache = np.sort(np.fromiter(feedback.strength, np.int32))
             negatives = np.fromiter(feedback.recent_negative, np.int32)
             feedback.negative_cache = np.ascontiguousarray(negatives[-recent:][::-1])
-        return feedback.seen_cache, feedback.negative_cache
+            strengths = np.fromiter(feedback.strength.values(), np.float64)
+            feedback.counts = (
+                float(strengths[strengths > 0].sum()),
+                float(-strengths[strengths < 0].sum()),
+            )
+        return feedback.seen_cache, feedback.negative_cache, feedback.counts
 
     def check_k(self, k: int) -> None:
         """Refuse a list length outside 1..ranking.max_k."""
@@ -480,8 +499,9 @@ class LiveState:
         if known:
             excluded: list[np.ndarray] = []
             disliked: list[np.ndarray] = []
-            for user in known:
-                seen, negative = self._seen_and_negative(user)
+            counts = np.empty((len(known), 2), np.float64)
+            for row, user in enumerate(known):
+                seen, negative, counts[row] = self._seen_and_negative(user)
                 if include_liked:
                     seen = np.sort(negative)
                 excluded.append(seen if self.config.ranking.exclude_seen else np.sort(negative))
@@ -495,6 +515,9 @@ class LiveState:
                 k,
                 self.item_side.gamma,
                 self.config.ranking,
+                self.item_side.propensity,
+                self.item_side.propensity.user_logit(counts[:, 0], counts[:, 1]),
+                self.item_side.beta,
             )
             item_map = self.item_side.items
             for row, position in enumerate(positions):

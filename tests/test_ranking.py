@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,22 +79,29 @@ def test_a_users_ranking_does_not_depend_on_its_batch(seed: int, k: int) -> None
         assert (ids[0] >= 0).sum() == k  # always k results: enough unseen candidates remain
 
 
+@pytest.mark.parametrize("beta", [None, 0.5])
 def test_server_ranks_as_the_offline_served_scores(
-    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path
+    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path, beta: float | None
 ) -> None:
-    """The gamma chosen offline is judged on the ranking the server really gives.
+    """The gamma and beta chosen offline are judged on the ranking the server really gives.
 
     For every trained user (all with train dislikes, fewer than suppression_recent), the live
-    state's top-k equals the top-k of ``server.train.served_scores`` with train items masked.
+    state's top-k equals the top-k of ``server.train.served_scores`` with train items masked,
+    with the artifact's strengths (None) and with a dislike-propensity weight set by config.
     """
-    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env={}))
+    env = {} if beta is None else {"SIGNEDREC_RANKING__PROPENSITY_BETA": str(beta)}
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
     artifact = load_artifact(tiny_artifact)
-    gamma = float(artifact.manifest["ranking"]["suppression_gamma"])
+    ranking = artifact.manifest["ranking"]
+    gamma = float(ranking["suppression_gamma"])
     assert gamma > 0  # the check must cover suppression, not only the raw model
+    beta = float(ranking["propensity_beta"]) if beta is None else beta
+    assert state.item_side.beta == beta
     dataset = load_dataset(tiny_dataset.path, tiny_dataset.threshold)
     graph = build_graph(dataset.train, dataset.threshold, dataset.n_users, dataset.n_items)
-    score = served_scores(artifact.arrays["item_table"], artifact.arrays["item_vectors"], graph,
-                          artifact.neg_weight, gamma)  # fmt: skip
+    arrays, prior = artifact.arrays, ranking["propensity_prior"]
+    score = served_scores(arrays["item_table"], arrays["item_vectors"], graph,
+                          artifact.neg_weight, gamma, beta, prior)  # fmt: skip
     users = np.arange(dataset.n_users)
     offline = score(users)
     seen = interaction_matrix(dataset.train.users, dataset.train.items, *offline.shape)
