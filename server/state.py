@@ -497,6 +497,7 @@ class LiveState:
                 known.append(user)
                 positions.append(position)
         if known:
+            side = self.item_side
             excluded: list[np.ndarray] = []
             disliked: list[np.ndarray] = []
             counts = np.empty((len(known), 2), np.float64)
@@ -507,19 +508,19 @@ class LiveState:
                 excluded.append(seen if self.config.ranking.exclude_seen else np.sort(negative))
                 disliked.append(negative)
             ids, scores = rank(
-                self.item_side.index,
-                self.item_side.unit,
+                side.index,
+                side.unit,
                 self.vectors[np.asarray(known)],
                 Ragged.from_lists(excluded),
                 Ragged.from_lists(disliked),
                 k,
-                self.item_side.gamma,
+                side.gamma,
                 self.config.ranking,
-                self.item_side.propensity,
-                self.item_side.propensity.user_logit(counts[:, 0], counts[:, 1]),
-                self.item_side.beta,
+                side.propensity,
+                side.propensity.user_logit(counts[:, 0], counts[:, 1]) if side.beta else None,
+                side.beta,
             )
-            item_map = self.item_side.items
+            item_map = side.items
             for row, position in enumerate(positions):
                 keep = ids[row] >= 0
                 kept_ids = ids[row][keep].astype(np.int32)
