@@ -76,10 +76,10 @@ class ItemSide:
         self.popular_scores = arrays["item_popularity"][self.popular].astype(np.float32)
         self.neg_weight = artifact.neg_weight
         self.threshold = artifact.threshold
-        trained_gamma = artifact.manifest.get("ranking", {}).get("suppression_gamma", 0.0)
+        ranking = artifact.manifest.get("ranking", {})
+        trained_gamma = ranking.get("suppression_gamma", 0.0)
         configured = config.ranking.suppression_gamma
         self.gamma = float(trained_gamma if configured is None else configured)
-        ranking = artifact.manifest.get("ranking", {})
         trained_beta = ranking.get("propensity_beta", 0.0)  # older artifacts: none
         self.beta = float(trained_beta if config.ranking.propensity_beta is None
                           else config.ranking.propensity_beta)  # fmt: skip
