@@ -51,16 +51,17 @@ from server.model import SignedGraphModel
 from server.train import (
     dislike_penalty,
     fit,
+    graph_propensity,
     normalise_rows,
     pin_malloc_threshold,
     set_threads,
     unit_rows,
+    user_propensity_logits,
 )
 
 TARGETS = (0.0, -0.5, -1.0, -2.0)  # dislike weights in the target, besides the model's own
 PROPENSITY = (0.0, 1.0, 2.0, 3.0)
 SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths to list
-PRIOR_STRENGTH = 16.0  # pseudo-ratings pulling user and item dislike rates to the global rate
 CANDIDATES = 100  # per user, re-ranked by the learned variants
 LEARNED = (0.0, 0.5, 1.0, 2.0)  # lambda: weight of P(dislike) against P(like)
 # Diagnostic: is a dislike personal beyond "this user dislikes often, this item is often
@@ -74,21 +75,6 @@ SIGN_MF_LR = 0.05
 def progress(message: str) -> None:
     """One progress line on stderr."""
     print(f"[neghit] {message}", file=sys.stderr, flush=True)
-
-
-def dislike_propensity(
-    pos_counts: tuple[np.ndarray, np.ndarray], neg_counts: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits of smoothed per-user and per-item dislike rates, and the global rate's logit."""
-    (user_pos, item_pos), (user_neg, item_neg) = pos_counts, neg_counts
-    mean = float(item_neg.sum() / max(item_pos.sum() + item_neg.sum(), 1.0))
-    mean = min(max(mean, 1e-6), 1 - 1e-6)
-
-    def logit(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        rate = (neg + PRIOR_STRENGTH * mean) / (neg + pos + PRIOR_STRENGTH)
-        return np.log(rate / (1.0 - rate))
-
-    return logit(user_neg, user_pos), logit(item_neg, item_pos), float(np.log(mean / (1 - mean)))
 
 
 class Reranker:
@@ -221,10 +207,12 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     b_neg = model.ease_to(hyper.l2, hyper.dropout, negative).numpy()
     b_pos = model.ease_to(hyper.l2, hyper.dropout, positive).numpy()
     del model
-    user_logit, item_logit, mean_logit = dislike_propensity(
-        (np.asarray(positive.sum(axis=1)).ravel(), np.asarray(positive.sum(axis=0)).ravel()),
-        (np.asarray(negative.sum(axis=1)).ravel(), np.asarray(negative.sum(axis=0)).ravel()),
-    )
+    # The served propensity's smoothed rates; item logits here are absolute (not relative to the
+    # global rate), so the re-ranker's product feature means what it did.
+    propensity = graph_propensity(graph, config.propensity_prior)
+    user_logit = user_propensity_logits(graph, propensity)
+    mean_logit = float(np.log(propensity.rate / (1.0 - propensity.rate)))
+    item_logit = propensity.item_logit + np.float32(mean_logit)
     unit = unit_rows(item_vectors)
     own = hyper.neg_weight
     targets = tuple(dict.fromkeys((own, *TARGETS)))  # the selected model's own target first

@@ -189,9 +189,10 @@ def served_scores(
     z = graph.signed_input(neg_weight)
     _, negatives = graph.matrices()
     unit = unit_rows(item_vectors)
-    propensity = graph_propensity(graph, prior)
-    user_logit = user_propensity_logits(graph, propensity)
-    every_item = np.arange(item_vectors.shape[0])
+    if beta:
+        propensity = graph_propensity(graph, prior)
+        user_logit = user_propensity_logits(graph, propensity)
+        every_item = np.arange(item_vectors.shape[0])
 
     def score(users: np.ndarray) -> np.ndarray:
         scores = normalise_rows((z[users] @ item_table) @ item_vectors.T)
