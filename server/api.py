@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -778,6 +779,7 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
         },
         request_max_body_size=config.server.max_body_bytes,
         debug=False,
+        logging_config=None,  # keep the CLI's one log format; our handlers do the logging
     )
 
 
@@ -787,20 +789,26 @@ def default_state_dir(artifact: Path) -> Path:
     return base / "signedrec" / artifact.resolve().name
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (IPv6 when the host is), for uvicorn to listen on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     """``signedrec serve``: resolve artifact/state/config, then run uvicorn on uvloop."""
     from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, DEFAULT_THRESHOLD
 
     config = load_config(args.config)
-    if args.artifact is None:
-        artifact = DEFAULT_ARTIFACTS
-        if not list_versions(artifact):
-            from server.train import train
-
-            log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
-            train(DEFAULT_DATA, DEFAULT_THRESHOLD, artifact, config.model)
-    else:
-        artifact = Path(args.artifact)
+    artifact = DEFAULT_ARTIFACTS if args.artifact is None else Path(args.artifact)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     state_dir = Path(args.state_dir or config.server.state_dir or default_state_dir(artifact))
@@ -817,12 +825,25 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )
     )
+    # Bind before anything loads: a taken port then fails in milliseconds instead of after
+    # training, loading and replaying the event log.
+    try:
+        sock = bind_listener(host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc)
+        return EXIT_STARTUP_FAILURE
+    log.info("listening on http://%s:%d; loading %s", host, sock.getsockname()[1], artifact)
+    if args.artifact is None and not list_versions(artifact):
+        from server.train import train
+
+        log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
+        train(DEFAULT_DATA, DEFAULT_THRESHOLD, artifact, config.model)
     service: Service = app.state["service"]
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=[sock])
     failure = service.load_error
     if isinstance(failure, SignedrecError):
         raise failure  # the CLI prints its message and exits 2, like any bad input
     if failure is not None or not server.started:
-        return EXIT_STARTUP_FAILURE  # a bug (traceback logged) or the port could not be bound
+        return EXIT_STARTUP_FAILURE  # a bug: its traceback is in the log
     return 0

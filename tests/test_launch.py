@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from server.cli import DEFAULT_ARTIFACTS
 from server.launch import ServeProcess, child_environment
 
 
@@ -33,3 +35,20 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
     assert "an earlier run's line" not in server.log_text()  # this process's output only
     assert "an earlier run's line" in log_path.read_text()  # appended, not truncated
     assert server.stop() == 2
+
+
+def test_a_taken_port_fails_before_anything_loads(tmp_path: Path) -> None:
+    """Exit 3 naming the address, without loading the artifact or creating the state."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = ServeProcess(
+            DEFAULT_ARTIFACTS, tmp_path / "state", tmp_path / "server.log",
+            {"SIGNEDREC_KERNELS__BACKEND": "cpu"}, port=port,
+        )  # fmt: skip
+        with pytest.raises(RuntimeError, match="server exited with 3") as caught:
+            server.wait_ready(timeout_s=120.0)
+    assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value)
+    assert "listening on" not in server.log_text()
+    assert not (tmp_path / "state").exists()  # no event log was opened, nothing replayed
