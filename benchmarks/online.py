@@ -104,12 +104,13 @@ def code_mtime() -> float:
     return max(p.stat().st_mtime for d in ("server", "kernels") for p in (REPO / d).glob("*.py"))
 
 
-def served_gamma(artifact: Artifact) -> tuple[float | None, str]:
-    """The suppression strength the server will use for this artifact, and where it comes from."""
-    configured = os.environ.get("SIGNEDREC_RANKING__SUPPRESSION_GAMMA")
+def served_setting(artifact: Artifact, name: str) -> tuple[float | None, str]:
+    """A ranking setting the server will use for this artifact, and where it comes from."""
+    variable = f"SIGNEDREC_RANKING__{name.upper()}"
+    configured = os.environ.get(variable)
     if configured is not None:
-        return float(configured), "env SIGNEDREC_RANKING__SUPPRESSION_GAMMA"
-    trained = artifact.manifest.get("ranking", {}).get("suppression_gamma")
+        return float(configured), f"env {variable}"
+    trained = artifact.manifest.get("ranking", {}).get(name)
     if trained is not None:
         return float(trained), "artifact manifest (selected on valid at training time)"
     return None, "server default (artifact records none)"
@@ -306,8 +307,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"static artifact {static.version} in {static_s:.1f}s, neg_weight={static.neg_weight}"
         )
 
-        gamma, gamma_source = served_gamma(static)
-        progress(f"served suppression gamma: {gamma} ({gamma_source})")
+        gamma, gamma_source = served_setting(static, "suppression_gamma")
+        beta, beta_source = served_setting(static, "propensity_beta")
+        progress(f"served suppression gamma: {gamma} ({gamma_source}); "
+                 f"dislike propensity beta: {beta} ({beta_source})")  # fmt: skip
         server = ServeProcess(static_path, tmp / "state", tmp / "server.log", SERVER_ENV)
         try:
             ready_s = server.wait_ready()
@@ -421,6 +424,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": {**code_state(), "changed_during_run": changed},
         "served_gamma": gamma,
         "served_gamma_source": gamma_source,
+        "served_beta": beta,
+        "served_beta_source": beta_source,
         "batch": args.batch,
         "concurrency": args.concurrency,
         "artifacts": {
@@ -542,6 +547,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| disliked items returned (final point) | {r['disliked_returned']} |",
             f"| served suppression gamma | {r.get('served_gamma')} "
             f"({r.get('served_gamma_source', 'not recorded')}) |",
+            f"| served dislike propensity beta | {r.get('served_beta', 'not recorded')} "
+            f"({r.get('served_beta_source', 'not recorded')}) |",
             f"| code | {r.get('code', {}).get('commit', '?')}, "
             f"{len(r.get('code', {}).get('uncommitted', []))} uncommitted files under "
             f"server/ kernels/"
