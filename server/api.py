@@ -573,7 +573,7 @@ async def recommendations(
     if service.inflight.over():
         # Degrade rather than queue: the popularity list costs nothing to serve.
         service.metrics.shed.labels("recommendations").inc()
-        result = state.popular(k)
+        result = state.popular(k, user_id, include_liked)
     else:
         service.inflight.current += 1
         try:

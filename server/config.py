@@ -87,7 +87,8 @@ class RankingConfig(Base):
     suppression_gamma: float | None = None
     # None: use the dislike-propensity weight validated at training time (0 for older artifacts).
     propensity_beta: float | None = None
-    suppression_recent: int = 50
+    # How many of the user's latest dislikes the look-alike suppression looks at (0: none).
+    suppression_recent: Annotated[int, msgspec.Meta(ge=0)] = 50
     exclude_seen: bool = True
     # Users whose finished rankings are memoised until their next event or a model swap (exact:
     # nothing else feeds a user's ranking); 0 turns the memo off.

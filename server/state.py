@@ -45,6 +45,7 @@ class UserFeedback:
     recent_negative: dict[int, None] = field(default_factory=dict)
     history: deque[tuple[int, str, int, str, float | None, float]] = field(default_factory=deque)
     seen_cache: np.ndarray | None = None
+    disliked_cache: np.ndarray | None = None  # every item whose latest strength is negative
     negative_cache: np.ndarray | None = None
     # Strength-weighted (likes, dislikes), for the dislike propensity; rebuilt with seen_cache.
     counts: tuple[float, float] = (0.0, 0.0)
@@ -450,26 +451,41 @@ class LiveState:
         self.since_snapshot += len(users)
 
     # -- reads -------------------------------------------------------------------------------
-    def _seen_and_negative(self, user: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-        """Items to exclude, recent dislikes, and (likes, dislikes) counted by strength."""
+    def _seen_and_negative(
+        self, user: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+        """Items with feedback, every disliked item (both sorted), the recent dislikes (newest
+        first, for suppression), and (likes, dislikes) counted by strength."""
         feedback = self.feedback.get(user)
         recent = self.config.ranking.suppression_recent
         if feedback is None:
             if user >= self.n_trained_users:
-                return np.empty(0, np.int32), np.empty(0, np.int32), (0.0, 0.0)
+                empty = np.empty(0, np.int32)
+                return empty, empty, empty, (0.0, 0.0)
             pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
             neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
-            return np.sort(np.concatenate([pos, neg])), neg[-recent:], (len(pos), len(neg))
+            seen = np.sort(np.concatenate([pos, neg]))
+            return seen, np.sort(neg), neg[len(neg) - recent :], (len(pos), len(neg))
         if feedback.seen_cache is None:
-            feedback.seen_cache = np.sort(np.fromiter(feedback.strength, np.int32))
+            items = np.fromiter(feedback.strength, np.int32, len(feedback.strength))
+            strengths = np.fromiter(feedback.strength.values(), np.float64, len(items))
+            feedback.seen_cache = np.sort(items)
+            feedback.disliked_cache = np.sort(items[strengths < 0])
             negatives = np.fromiter(feedback.recent_negative, np.int32)
-            feedback.negative_cache = np.ascontiguousarray(negatives[-recent:][::-1])
-            strengths = np.fromiter(feedback.strength.values(), np.float64)
+            feedback.negative_cache = np.ascontiguousarray(
+                negatives[len(negatives) - recent :][::-1]
+            )
             feedback.counts = (
                 float(strengths[strengths > 0].sum()),
                 float(-strengths[strengths < 0].sum()),
             )
-        return feedback.seen_cache, feedback.negative_cache, feedback.counts
+        return (feedback.seen_cache, feedback.disliked_cache, feedback.negative_cache,
+                feedback.counts)  # type: ignore[return-value]  # fmt: skip
+
+    def excluded(self, user: int, include_liked: bool) -> np.ndarray:
+        """Sorted items never to return: every dislike always; everything seen by default."""
+        seen, disliked, _, _ = self._seen_and_negative(user)
+        return seen if self.config.ranking.exclude_seen and not include_liked else disliked
 
     def check_k(self, k: int) -> None:
         """Refuse a list length outside 1..ranking.max_k."""
@@ -501,11 +517,10 @@ class LiveState:
             excluded: list[np.ndarray] = []
             disliked: list[np.ndarray] = []
             counts = np.empty((len(known), 2), np.float64)
+            keep_seen = self.config.ranking.exclude_seen and not include_liked
             for row, user in enumerate(known):
-                seen, negative, counts[row] = self._seen_and_negative(user)
-                if include_liked:
-                    seen = np.sort(negative)
-                excluded.append(seen if self.config.ranking.exclude_seen else np.sort(negative))
+                seen, every_dislike, negative, counts[row] = self._seen_and_negative(user)
+                excluded.append(seen if keep_seen else every_dislike)
                 disliked.append(negative)
             ids, scores = rank(
                 side.index,
@@ -544,12 +559,19 @@ class LiveState:
             self.item_side.version,
         )
 
-    def popular(self, k: int) -> Recommendation:
-        items = self.item_side.popular[:k]
+    def popular(self, k: int, user_id: str | None = None, include_liked: bool = False
+                ) -> Recommendation:  # fmt: skip
+        """The popularity list (unknown users, overload), without what ``user_id`` excludes."""
         side = self.item_side
-        return Recommendation(
-            side.items.external(items), side.popular_scores[:k].tolist(), True, side.version
-        )
+        user = None if user_id is None else self.users.get(user_id)
+        if user is None or (user >= self.n_trained_users and user not in self.feedback):
+            return Recommendation(side.items.external(side.popular[:k]),
+                                  side.popular_scores[:k].tolist(), True, side.version)  # fmt: skip
+        excluded = self.excluded(user, include_liked)
+        head = side.popular[: k + len(excluded)]  # enough that k survive the exclusion
+        keep = np.flatnonzero(~np.isin(head, excluded, assume_unique=True))[:k]
+        return Recommendation(side.items.external(head[keep]),
+                              side.popular_scores[keep].tolist(), True, side.version)  # fmt: skip
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:
         """Nearest items by cosine of item vectors, the item itself left out."""

@@ -13,6 +13,7 @@ from server.artifacts import load_artifact
 from server.config import IndexConfig, RankingConfig, load_config
 from server.data import load_dataset
 from server.evaluate import interaction_matrix
+from server.events import EventRecord
 from server.graph import build_graph
 from server.index import ItemIndex
 from server.ranking import Ragged, candidates, rank
@@ -112,3 +113,54 @@ def test_server_ranks_as_the_offline_served_scores(
         expected = np.argsort(-offline[user], kind="stable")[:k]
         assert [int(i) for i in answer.items] == expected.tolist()
         np.testing.assert_allclose(answer.scores, offline[user, expected], rtol=1e-4, atol=1e-5)
+
+
+def _dislike_many(state: LiveState, user: str, items: list[int]) -> None:
+    state.apply([EventRecord(n + 1, f"d{n}", user, str(item), "dislike", None, 0.0)
+                 for n, item in enumerate(items)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "include_liked"),
+    [({}, True), ({"SIGNEDREC_RANKING__EXCLUDE_SEEN": "false"}, False),
+     ({"SIGNEDREC_RANKING__SUPPRESSION_RECENT": "0"}, True)],
+)  # fmt: skip
+def test_no_dislike_ever_comes_back_beyond_the_recent_window(
+    tiny_artifact: Path, tmp_path: Path, env: dict[str, str], include_liked: bool
+) -> None:
+    """Suppression looks at the latest dislikes only; exclusion covers every one of them."""
+    env = {"SIGNEDREC_RANKING__SUPPRESSION_RECENT": "2", **env}
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
+    user = "newcomer"
+    disliked = list(range(0, 24, 2))  # 12 dislikes, far more than the 2 the suppression sees
+    _dislike_many(state, user, disliked)
+    n_items = state.item_side.n_items
+    answer = state.recommend_many([user], n_items, include_liked=include_liked)[0]
+    assert not set(answer.items) & {str(i) for i in disliked}
+    assert len(answer.items) == n_items - len(disliked)  # nothing else was dropped
+    # A later like of a disliked item lifts its exclusion when liked items are allowed.
+    state.apply([EventRecord(100, "l0", user, "0", "like", None, 0.0)])
+    again = state.recommend_many([user], n_items, include_liked=include_liked)[0]
+    assert ("0" in again.items) == (include_liked or "EXCLUDE_SEEN" in str(env))
+
+
+@pytest.mark.parametrize("include_liked", [False, True])
+def test_the_overload_popularity_list_keeps_the_users_exclusions(
+    tiny_artifact: Path, tmp_path: Path, include_liked: bool
+) -> None:
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env={}))
+    popular = state.popular(8).items
+    user = "shed"
+    _dislike_many(state, user, [int(popular[0])])
+    state.apply([EventRecord(50, "l1", user, popular[1], "like", None, 0.0)])
+    answer = state.popular(8, user, include_liked)
+    assert answer.fallback
+    assert popular[0] not in answer.items  # disliked: never
+    assert (popular[1] in answer.items) == include_liked  # liked: only when asked for
+    assert len(answer.items) == 8
+    rest = [i for i in state.popular(10).items if i != popular[0]]
+    assert answer.items == (rest if include_liked else rest[1:])[:8]  # popularity order kept
+    order = state.item_side.popular_scores
+    assert answer.scores == sorted(answer.scores, reverse=True)
+    assert set(answer.scores) <= set(order.tolist())
+    assert state.popular(8, "somebody unknown").items == popular
