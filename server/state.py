@@ -156,6 +156,9 @@ class LiveState:
             config.ranking.cache_users, config.ranking.cache_variants_per_user
         )
         self.event_ids = RecentIds(config.log.dedup_window)
+        # Ids reserved by requests whose log write has not completed: never in a snapshot, which
+        # would otherwise make a lost write's retry look like a duplicate after a restart.
+        self.reserved: set[str] = set()
         self._swap: SwapPlan | None = None
         self.events_applied = 0
         self.applied_seq = 0
@@ -281,7 +284,9 @@ class LiveState:
                 )
                 for user, f in self.feedback.items()
             ],
-            event_ids=list(self.event_ids),
+            event_ids=[i for i in self.event_ids if i not in self.reserved]
+            if self.reserved
+            else list(self.event_ids),
         )
 
     def write_snapshot(self) -> None:
@@ -360,11 +365,15 @@ class LiveState:
 
     def reserve(self, events: Iterable[NewEvent]) -> None:
         """Mark ids as taken before the log write, so a concurrent repeat is not applied twice."""
-        self.event_ids.add(e.event_id for e in events)
+        ids = [e.event_id for e in events]
+        self.event_ids.add(ids)
+        self.reserved.update(ids)
 
     def release(self, events: Iterable[NewEvent]) -> None:
         """Undo ``reserve`` when the write failed and nothing was accepted."""
-        self.event_ids.discard(e.event_id for e in events)
+        ids = [e.event_id for e in events]
+        self.event_ids.discard(ids)
+        self.reserved.difference_update(ids)
 
     def _user_feedback(self, user: int) -> UserFeedback:
         record = self.feedback.get(user)
@@ -390,6 +399,8 @@ class LiveState:
     def apply(self, records: Sequence[EventRecord]) -> None:
         """Apply durable records to graph and vectors (in seq order), one kernel call per batch."""
         self._apply(records, replay=False)
+        if self.reserved:
+            self.reserved.difference_update(r.event_id for r in records)
 
     def _apply(self, records: Sequence[EventRecord], replay: bool) -> None:
         # The per-record loop is the replay hot path: locals are bound once and the numeric
