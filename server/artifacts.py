@@ -30,6 +30,8 @@ REQUIRED_ARRAYS: dict[str, str] = {
     "neg_indptr": "int64",
     "neg_items": "int32",
 }
+# The arrays that make up the users and trained signed graph a live state is built on.
+GRAPH_FILES = ("user_ids", "pos_indptr", "pos_items", "neg_indptr", "neg_items")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,15 @@ class Artifact:
     def threshold(self) -> float:
         """Rating threshold: at or above is positive."""
         return float(self.manifest["dataset"]["threshold"])
+
+    @property
+    def graph_fingerprint(self) -> str:
+        """Digest of the user ids and trained signed graph (from the verified file checksums)."""
+        files = self.manifest["files"]
+        digest = hashlib.sha256(str(self.manifest.get("watermark", 0)).encode())
+        for name in GRAPH_FILES:
+            digest.update(files[f"{name}.npy"]["sha256"].encode())
+        return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:

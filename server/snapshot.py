@@ -1,8 +1,10 @@
 """Snapshots of the live state at a log sequence number, so a restart replays only what follows.
 
 A snapshot is one msgpack file with a crc32 header, written to a temp file, fsync'd and renamed.
-It is only trusted for the artifact version it was taken under; anything else (another version,
-a bad checksum, an unreadable file) is reported and ignored, and the full log is replayed. Log
+It is only trusted for the artifact version it was taken under and the users and trained graph
+the state was built on (after a live swap to a version trained on another graph, the state keeps
+the graph it started on); anything else (another version or graph, a bad checksum, an unreadable
+file) is reported and ignored, and the full log is replayed. Log
 segments are never deleted on the strength of a snapshot, so a lost snapshot never loses data.
 """
 
@@ -18,7 +20,7 @@ import msgspec
 
 log = logging.getLogger("signedrec.snapshot")
 
-SCHEMA = 1
+SCHEMA = 2  # 2: graph
 FILE = "snapshot.msgpack"
 HEADER = struct.Struct("<4sII")  # magic, schema, crc32 of payload
 MAGIC = b"SRsn"
@@ -46,6 +48,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     vectors: bytes
     feedback: list[UserSnapshot]
     event_ids: list[str]
+    # Artifact.graph_fingerprint of the users and trained graph the state holds.
+    graph: str
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -75,12 +79,16 @@ def write(directory: Path, snapshot: Snapshot) -> Path:
     return atomic_write(directory / FILE, HEADER.pack(MAGIC, SCHEMA, zlib.crc32(payload)) + payload)
 
 
-def read(directory: Path, artifact_version: str) -> Snapshot | None:
-    """The snapshot for this artifact version, or None (with the reason logged)."""
+def read(directory: Path, artifact_version: str, graph: str) -> Snapshot | None:
+    """The snapshot for this artifact version on this graph, or None (with the reason logged)."""
     path = directory / FILE
     if not path.is_file():
         return None
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        log.warning("ignoring snapshot %s: %s", path, exc)
+        return None
     if len(data) < HEADER.size:
         log.warning("ignoring snapshot %s: truncated header", path)
         return None
@@ -94,12 +102,15 @@ def read(directory: Path, artifact_version: str) -> Snapshot | None:
     except msgspec.DecodeError as exc:
         log.warning("ignoring snapshot %s: %s", path, exc)
         return None
-    if snapshot.artifact_version != artifact_version:
+    if snapshot.artifact_version != artifact_version or snapshot.graph != graph:
         log.info(
-            "snapshot %s was taken under model %s, serving %s: replaying the log instead",
+            "snapshot %s was taken under model %s (graph %s), serving %s (graph %s): "
+            "replaying the log instead",
             path,
             snapshot.artifact_version,
+            snapshot.graph[:12],
             artifact_version,
+            graph[:12],
         )
         return None
     return snapshot

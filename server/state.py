@@ -146,6 +146,10 @@ class LiveState:
         self.item_side = ItemSide(artifact, config)
         arrays = artifact.arrays
         self.users = IdMap(arrays["user_ids"])
+        # The users and trained graph this state holds: a swap changes only the item side, so
+        # snapshots name both (the graph by Artifact.graph_fingerprint).
+        self.base_version = artifact.version
+        self.graph = artifact.graph_fingerprint
         self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
         self.n_trained_users = len(self._pos_indptr) - 1
@@ -196,6 +200,16 @@ class LiveState:
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
+        if side.artifact.graph_fingerprint != self.graph:
+            new = side.artifact.arrays
+            log.warning(
+                "model %s was trained on another signed graph than %s (%d users, %d edges vs "
+                "%d, %d): live users keep this server's graph (%s's plus every logged event) "
+                "until a restart serves %s on its own graph",
+                side.version, self.base_version, len(new["user_ids"]),
+                len(new["pos_items"]) + len(new["neg_items"]), self.n_trained_users,
+                len(self._pos_items) + len(self._neg_items), self.base_version, side.version,
+            )  # fmt: skip
         # dict copies run at C speed; the Python-level fold then happens off the event loop.
         graphs = {user: dict(f.strength) for user, f in self.feedback.items()}
         self._swap = SwapPlan(side, self.vectors.shape[0], graphs, set())
@@ -240,7 +254,7 @@ class LiveState:
         self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
         after = int(self.item_side.artifact.manifest.get("watermark", 0))
         started = time.perf_counter()
-        snap = snapshot.read(self.state_dir, self.item_side.version)
+        snap = snapshot.read(self.state_dir, self.item_side.version, self.graph)
         if snap is not None and snap.seq <= report.last_seq:
             self.restore(snap)
             after = max(after, snap.seq)
@@ -287,6 +301,7 @@ class LiveState:
             event_ids=[i for i in self.event_ids if i not in self.reserved]
             if self.reserved
             else list(self.event_ids),
+            graph=self.graph,
         )
 
     def write_snapshot(self) -> None:

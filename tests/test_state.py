@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import load_config
 from server.events import EventRecord, NewEvent
-from server.state import LiveState
+from server.state import ItemSide, LiveState
+from tests.conftest import N_USERS
 
 
 @pytest.fixture
@@ -34,3 +39,79 @@ def test_a_snapshot_never_holds_ids_whose_write_is_pending(state: LiveState) -> 
     state.apply([EventRecord(2, "pending", "u", "4", "like", None, 0.0)])
     assert state.take_snapshot().event_ids == ["written", "pending"]
     assert not state.reserved
+
+
+def _regraphed(artifact: Artifact) -> dict[str, np.ndarray]:
+    """The same users and edges listed in reverse user order, and a perturbed item side."""
+    arrays = dict(artifact.arrays)
+    for sign in ("pos", "neg"):
+        indptr, items = arrays[f"{sign}_indptr"], arrays[f"{sign}_items"]
+        rows = [items[indptr[u] : indptr[u + 1]] for u in range(len(indptr) - 1)][::-1]
+        arrays[f"{sign}_indptr"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        arrays[f"{sign}_items"] = np.concatenate(rows).astype(np.int32)
+    arrays["user_ids"] = arrays["user_ids"][::-1].copy()
+    for name in ("item_table", "item_vectors"):
+        arrays[name] = (arrays[name] * 1.1).astype(np.float32)
+    return arrays
+
+
+def _answers(state: LiveState, users: list[str]) -> list[tuple[list[str], list[float]]]:
+    return [(r.items, r.scores) for r in state.recommend_many(users, 8)]
+
+
+def test_a_restart_after_a_swap_to_another_graph_replays_instead_of_misreading_the_snapshot(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The snapshot of a swapped state (old graph, new item side) must not be restored onto the
+    new artifact's own users and graph: user rows would land on other users."""
+    first = load_artifact(tiny_artifact)
+    manifest = {k: v for k, v in first.manifest.items()
+                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    second = save_artifact(tmp_path / "root", _regraphed(first), manifest)
+    config = load_config(env={})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    events = [_new("a", "0", "3"), _new("b", "1", "5"), _new("c", "online", "7")]
+    live.apply(live.log.append_sync(events))  # type: ignore[union-attr]
+    live.swap(ItemSide(load_artifact(second), config))
+    live.write_snapshot()
+    asyncio.run(live.close())
+    assert live.graph != load_artifact(second).graph_fingerprint
+
+    restarted = LiveState(second, tmp_path / "state", config)
+    restarted.open_log()  # the snapshot does not fit this graph: the log is replayed instead
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    shutil.copytree(tmp_path / "state" / "events", fresh_dir / "events")
+    fresh = LiveState(second, fresh_dir, config)
+    fresh.open_log()  # no snapshot at all
+    users = ["0", "1", "2", "online", str(N_USERS - 1)]
+    assert _answers(restarted, users) == _answers(fresh, users)
+    assert restarted.history("0", 5)[0][0] == "a"
+    asyncio.run(restarted.close())
+    asyncio.run(fresh.close())
+
+
+def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    first = load_artifact(tiny_artifact)
+    manifest = {k: v for k, v in first.manifest.items()
+                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    arrays = dict(first.arrays)
+    arrays["item_table"] = (arrays["item_table"] * 1.1).astype(np.float32)
+    second = save_artifact(tmp_path / "root", arrays, manifest)
+    config = load_config(env={})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    live.apply(live.log.append_sync([_new("a", "0", "3"), _new("b", "x", "4")]))  # type: ignore[union-attr]
+    live.swap(ItemSide(load_artifact(second), config))
+    expected = _answers(live, ["0", "x", "5"])
+    live.write_snapshot()
+    asyncio.run(live.close())
+    restarted = LiveState(second, tmp_path / "state", config)
+    assert restarted.open_log().records == 2
+    assert restarted.applied_seq == 2
+    assert restarted.events_applied == 0  # restored from the snapshot, nothing replayed
+    assert _answers(restarted, ["0", "x", "5"]) == expected
+    asyncio.run(restarted.close())
