@@ -34,6 +34,7 @@ from server.batcher import MicroBatcher
 from server.config import Base, Config, ServerConfig, load_config
 from server.errors import (
     ArtifactError,
+    ConfigError,
     ForbiddenError,
     InvalidEventError,
     InvalidRequestError,
@@ -390,7 +391,10 @@ class Service:
         # Which version to load first: a wrong --artifact fails here, before any kernel compiles.
         path, choice = rollout.choose(self.artifact, self.state_dir)
         self.pinned, self.previous = choice.pinned, list(choice.previous)
-        kernels.select_backend(self.config.kernels.backend)
+        try:
+            kernels.select_backend(self.config.kernels.backend)
+        except (RuntimeError, ValueError) as exc:  # e.g. cuda requested on a host without one
+            raise ConfigError(f"kernels.backend: {exc}") from None
         kernels.warmup()
         state = LiveState(path, self.state_dir, self.config)
         state.open_log()

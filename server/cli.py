@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+import msgspec
+
 from server.errors import SignedrecError
 
 EXIT_USAGE = 2
@@ -25,10 +27,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fixed = None
     if args.hyper_from is not None:
         from server.artifacts import read_manifest, resolve
+        from server.config import SearchPoint
+        from server.errors import ArtifactError
         from server.model import Hyper
 
-        manifest = read_manifest(resolve(Path(args.hyper_from)))
-        fixed = Hyper(**manifest["model"]["hyper"])
+        source = resolve(Path(args.hyper_from))
+        try:
+            point = msgspec.convert(
+                read_manifest(source)["model"]["hyper"], SearchPoint, strict=False
+            )
+        except (KeyError, TypeError, msgspec.ValidationError) as exc:
+            raise ArtifactError(
+                f"{source}/manifest.json: no usable model.hyper ({type(exc).__name__}: {exc})"
+            ) from None
+        fixed = Hyper(**msgspec.structs.asdict(point))
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed)
     print(path)
     return 0
@@ -70,6 +82,8 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     from server.artifacts import list_versions, read_manifest
 
     root = Path(args.root)
+    if not root.is_dir():
+        raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
     for version in list_versions(root):
         manifest = read_manifest(root / version)
         test = manifest.get("metrics", {}).get("test", {})

@@ -18,6 +18,17 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
     """Shared flags for every config and wire struct: unknown fields are errors, not silence."""
 
 
+class SearchPoint(Base):
+    """One point of the model's hyper-parameter space (``server.model.Hyper``), typed."""
+
+    neg_weight: float = 0.5
+    l2: float = 4.0
+    dropout: float = 0.25
+    gf_rank: Annotated[int, msgspec.Meta(ge=1)] = 64
+    gf_ideal: float = 1.0
+    gf_mix: float = 1.0
+
+
 class ModelConfig(Base):
     """The signed linear graph model and its automatic hyper-parameter search."""
 
@@ -26,21 +37,12 @@ class ModelConfig(Base):
     selection_metric: Literal["ndcg@20", "recall@20"] = "ndcg@20"
     # Starting point and grids of the coordinate search, identical for every dataset. The ridge
     # penalty is relative to the mean item degree, so one grid fits catalogues of any density.
-    start: dict[str, float] = msgspec.field(
-        default_factory=lambda: {
-            "neg_weight": 0.5,
-            "l2": 4.0,
-            "dropout": 0.25,
-            "gf_rank": 64,
-            "gf_ideal": 1.0,
-            "gf_mix": 1.0,
-        }
-    )
+    start: SearchPoint = SearchPoint()
     l2_grid: tuple[float, ...] = (2.0, 8.0, 16.0, 32.0, 1.0)
     dropout_grid: tuple[float, ...] = (0.0, 0.5)
     neg_input_grid: tuple[float, ...] = (0.25, 1.0, 0.0)
     gf_mix_grid: tuple[float, ...] = (1.0, 2.0, 0.5, 4.0)
-    gf_rank_grid: tuple[float, ...] = (32, 128, 256)
+    gf_rank_grid: tuple[Annotated[int, msgspec.Meta(ge=1)], ...] = (32, 128, 256)
     gf_ideal_grid: tuple[float, ...] = (0.5, 2.0)
     # Stop searching one axis after this many trials in a row without improvement.
     patience: int = 2
@@ -198,7 +200,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
         # Tables and lists (e.g. access keys) come as JSON text.
         parsed: Any = value
-        if value[:1] in "{[":
+        if value.startswith(("{", "[")):
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError as exc:

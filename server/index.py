@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from server.config import IndexConfig
+from server.errors import ConfigError
 
 log = logging.getLogger("signedrec.index")
 
@@ -72,7 +73,7 @@ class ItemIndex:
                 index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, cpu_index)
                 self.device = "gpu"
             elif config.device == "gpu":
-                raise RuntimeError(f"index.device=gpu but {reason}")
+                raise ConfigError(f"index.device=gpu but {reason}")
             else:
                 log.info("faiss index %s on CPU: %s", name, reason)
         log.info(

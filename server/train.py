@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -88,7 +89,7 @@ def search(
 ) -> tuple[Hyper, dict[str, float], list[dict[str, Any]]]:
     """Coordinate ascent over the config grids; returns the best point, its metrics, the trials."""
     metric = config.selection_metric
-    best = Hyper(**config.start)
+    best = Hyper(**msgspec.structs.asdict(config.start))
     # The graph-filter axes are meaningless until the autoencoder part is tuned: search it alone.
     best = replace(best, gf_mix=0.0)
     best_metrics = score(best)

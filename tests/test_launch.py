@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import kernels
 from server.cli import DEFAULT_ARTIFACTS
 from server.launch import ServeProcess, child_environment
 
@@ -52,3 +53,18 @@ def test_a_taken_port_fails_before_anything_loads(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value)
     assert "listening on" not in server.log_text()
     assert not (tmp_path / "state").exists()  # no event log was opened, nothing replayed
+
+
+def test_a_cuda_backend_on_a_host_without_one_is_a_config_error(tmp_path: Path) -> None:
+    """Exit 2 with the CLI's one-line error (bad configuration), not 3 (a bug)."""
+    if kernels._cuda_problem() is None:  # the same device check test_kernels uses
+        pytest.skip("a CUDA device is present: kernels.backend=cuda works here")
+    server = ServeProcess(
+        DEFAULT_ARTIFACTS, tmp_path / "state", tmp_path / "server.log",
+        {"SIGNEDREC_KERNELS__BACKEND": "cuda", "NUMBA_ENABLE_CUDASIM": None},
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="server exited with 2") as caught:
+        server.wait_ready(timeout_s=120.0)
+    assert "signedrec serve: error: kernels.backend: kernel backend 'cuda' was requested" in str(
+        caught.value
+    )
