@@ -47,14 +47,20 @@ from server.errors import (
     UnknownItemError,
     UnknownUserError,
 )
-from server.events import NewEvent
+from server.events import MAX_ID_CHARS, NewEvent
 from server.index import set_cpu_threads
 from server.state import ItemSide, LiveState, Recommendation
 
 log = logging.getLogger("signedrec.api")
 EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+# A user id is a path segment of the read routes, so it may not contain "/" (decoded before
+# routing, even as %2F): such a user could post feedback but never be read back.
+USER_ID_PATTERN = "^[^/]+$"
+UserId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=USER_ID_PATTERN)
+]
 
 
 # -- wire types ------------------------------------------------------------------------------
@@ -62,7 +68,7 @@ class FeedbackIn(Base):
     """One feedback event as posted to the webhook."""
 
     event_id: Id
-    user_id: Id
+    user_id: UserId
     item_id: Id
     kind: Literal["like", "dislike", "skip", "rating"]
     value: float | None = None
@@ -171,8 +177,8 @@ FEEDBACK_DECODER = msgspec.json.Decoder(FeedbackIn | list[FeedbackIn])
 
 
 # -- OpenAPI documentation of what the raw-body handlers accept and every error they answer -----
-def _text(max_length: int = 512) -> Schema:
-    return Schema(type=OpenAPIType.STRING, min_length=1, max_length=max_length)
+def _text(pattern: str | None = None) -> Schema:
+    return Schema(type=OpenAPIType.STRING, min_length=1, max_length=MAX_ID_CHARS, pattern=pattern)
 
 
 _NUMBER_OR_NULL = Schema(one_of=[Schema(type=OpenAPIType.NUMBER), Schema(type=OpenAPIType.NULL)])
@@ -181,7 +187,7 @@ _EVENT = Schema(
     required=["event_id", "user_id", "item_id", "kind"],
     properties={
         "event_id": _text(),
-        "user_id": _text(),
+        "user_id": _text(USER_ID_PATTERN),
         "item_id": _text(),
         "kind": Schema(type=OpenAPIType.STRING, enum=["like", "dislike", "skip", "rating"]),
         "value": _NUMBER_OR_NULL,

@@ -194,6 +194,9 @@ def test_later_event_replaces_earlier(server: Server) -> None:
          "unknown_item"),
         (b'{"event_id": "x", "user_id": "u\\u0000", "item_id": "1", "kind": "like"}', 422,
          "invalid_event"),
+        # A user id is a path segment of the read routes: with "/" it could never be read back.
+        (b'{"event_id": "x", "user_id": "a/b", "item_id": "1", "kind": "like"}', 422,
+         "invalid_body"),
         (b"[]", 422, "invalid_body"),
         (b"[" + b'{"event_id":"y","user_id":"u","item_id":"1","kind":"like"},' * 30000 + b"1]",
          413, "body_too_large"),
@@ -231,6 +234,10 @@ def test_no_bad_event_is_logged(server: Server) -> None:
     user = f"atomic-{uuid.uuid4().hex}"
     r = _post(server, [_event(user, "21", "like"), _event(user, "nope", "like")])
     assert r.status_code == 404
+    assert server.client.get(f"/v1/users/{user}/history").status_code == 404
+    r = _post(server, [_event(user, "21", "like"), _event(f"{user}/x", "22", "like")])
+    assert r.status_code == 422
+    assert "user_id" in r.json()["error"]["message"]
     assert server.client.get(f"/v1/users/{user}/history").status_code == 404
 
 
