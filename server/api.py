@@ -795,7 +795,8 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
 
 def default_state_dir(artifact: Path) -> Path:
     """Per-artifact state under the user's data directory (XDG), never inside the package."""
-    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    # An unset or empty XDG_DATA_HOME means the default (XDG Base Directory spec).
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "signedrec" / artifact.resolve().name
 
 

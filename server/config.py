@@ -114,6 +114,9 @@ class IndexConfig(Base):
     # The server's micro-batches are small, and idle OpenMP workers spin-wait on the cores the
     # event loop needs: at 1500 req/s on 2 cores one thread cut server CPU from 129% to 80%.
     cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
+    # faiss-gpu answers at most this many neighbours per search (its GPU_MAX_SELECTION_K); a
+    # deeper search (a user with a long history) runs on the index's CPU copy instead.
+    gpu_max_k: Annotated[int, msgspec.Meta(ge=1)] = 2048
 
 
 class KernelConfig(Base):

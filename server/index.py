@@ -65,6 +65,8 @@ class ItemIndex:
         cpu_index = self._build_cpu(vectors, config)
         self.device = "cpu"
         self._gpu_resources = None
+        self._cpu_index = cpu_index
+        self._max_k = self.size  # searches deeper than this go to the CPU copy
         index = cpu_index
         if config.device != "cpu":
             count, reason = gpu_count()
@@ -72,6 +74,7 @@ class ItemIndex:
                 self._gpu_resources = faiss.StandardGpuResources()
                 index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, cpu_index)
                 self.device = "gpu"
+                self._max_k = config.gpu_max_k
             elif config.device == "gpu":
                 raise ConfigError(f"index.device=gpu but {reason}")
             else:
@@ -101,5 +104,6 @@ class ItemIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores float32, ids int64) per query row; -1 ids where fewer exist."""
         k = max(1, min(k, self.size))
-        scores, ids = self._index.search(queries, k)
+        index = self._index if k <= self._max_k else self._cpu_index
+        scores, ids = index.search(queries, k)
         return scores, ids

@@ -79,3 +79,32 @@ def test_faiss_from_two_distributions_is_named_with_the_fix() -> None:
     assert "faiss-cpu, faiss-gpu" in message
     assert "pip uninstall -y faiss-cpu faiss-gpu && pip install faiss-gpu" in message
     assert faiss_clash() == ""  # this environment has one faiss (the CI and dev installs)
+
+
+class _Shallow:
+    """Stands in for a faiss-gpu index: refuses k above its selection limit, as the GPU does."""
+
+    def __init__(self, inner: object, max_k: int) -> None:
+        self.inner, self.max_k, self.calls = inner, max_k, 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > self.max_k:
+            raise RuntimeError(f"k {k} above the GPU selection limit {self.max_k}")
+        self.calls += 1
+        return self.inner.search(queries, k)  # type: ignore[attr-defined]
+
+
+def test_searches_deeper_than_the_gpu_limit_use_the_cpu_copy() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((64, 8)).astype(np.float32)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    index = ItemIndex(vectors, IndexConfig(kind="flat", device="cpu"))
+    exact = index.search(queries, 40)
+    limit = 16
+    shallow = _Shallow(index._index, limit)
+    index._index, index._max_k = shallow, limit  # what a GPU index with a limit of 16 holds
+    for k in (limit, 40):
+        scores, ids = index.search(queries, k)
+        np.testing.assert_array_equal(ids, exact[1][:, :k])
+        np.testing.assert_allclose(scores, exact[0][:, :k], rtol=1e-6)
+    assert shallow.calls == 1  # k = 16 on the "GPU", k = 40 on the CPU copy
