@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from server.durable import fsync_dir
 from server.errors import ArtifactError
 
 SCHEMA_VERSION = 1
@@ -75,14 +76,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def new_version() -> str:
     """A sortable, unique version name: UTC time to the millisecond."""
     now = time.time()
@@ -125,9 +118,9 @@ def save_artifact(
     for path in tmp.iterdir():
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 

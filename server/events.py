@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, get_args
 import msgspec
 
 from server.config import Base, EventLogConfig
+from server.durable import fsync_dir
 from server.errors import ConfigError, InvalidEventError, LogCorruptError, LogUnavailableError
 
 logger = logging.getLogger("signedrec.events")
@@ -142,12 +143,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Fsync a directory so a created or removed file name survives a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _fsync(fd)
-    finally:
-        os.close(fd)
+    """Fsync a directory through the injectable ``_fsync`` (fault-injection tests)."""
+    fsync_dir(directory, _fsync)
 
 
 def _read_file(path: Path, limit: int = -1) -> bytes:

@@ -16,7 +16,7 @@ import msgspec
 
 from server.artifacts import MANIFEST, list_versions
 from server.config import Base
-from server.snapshot import atomic_write
+from server.durable import atomic_write
 
 log = logging.getLogger("signedrec.rollout")
 

@@ -11,12 +11,13 @@ segments are never deleted on the strength of a snapshot, so a lost snapshot nev
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import msgspec
+
+from server.durable import atomic_write
 
 log = logging.getLogger("signedrec.snapshot")
 
@@ -54,23 +55,6 @@ class Snapshot(msgspec.Struct, array_like=True):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Snapshot)
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 def write(directory: Path, snapshot: Snapshot) -> Path:

@@ -190,6 +190,11 @@ class LiveState:
         rows[neg_at], weights[neg_at] = self._neg_items, side.neg_weight
         kernels.fold_csr(indptr, rows, weights, side.table, out[:n])
 
+    def _trained_edges(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """A trained user's liked and disliked items in the artifact's graph."""
+        pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
+        return pos, self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+
     def begin_swap(self, side: ItemSide) -> SwapPlan:
         """Start a swap to a new item side: check its catalogue, copy the online graphs (loop)."""
         old = self.item_side
@@ -395,8 +400,7 @@ class LiveState:
         if record is None:
             record = UserFeedback(history=deque(maxlen=self.config.server.history_max_limit))
             if user < self.n_trained_users:
-                pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
-                neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+                pos, neg = self._trained_edges(user)
                 record.strength = dict.fromkeys(pos.tolist(), 1.0)
                 record.strength.update(dict.fromkeys(neg.tolist(), -1.0))
                 record.recent_negative = dict.fromkeys(neg.tolist())
@@ -488,8 +492,7 @@ class LiveState:
             if user >= self.n_trained_users:
                 empty = np.empty(0, np.int32)
                 return empty, empty, empty, (0.0, 0.0)
-            pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
-            neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+            pos, neg = self._trained_edges(user)
             seen = np.sort(np.concatenate([pos, neg]))
             return seen, np.sort(neg), neg[len(neg) - recent :], (len(pos), len(neg))
         if feedback.seen_cache is None:
@@ -627,8 +630,7 @@ class LiveState:
                     return out
                 out.append((event_id, items.external(np.asarray([item]))[0], kind, value, ts))
         if user < self.n_trained_users and len(out) < limit:
-            pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
-            neg = self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+            pos, neg = self._trained_edges(user)
             trained = np.concatenate([pos, neg])[: limit - len(out)]
             is_pos = np.arange(len(trained)) < len(pos)
             for item, positive in zip(items.external(trained), is_pos.tolist(), strict=True):
