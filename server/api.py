@@ -816,7 +816,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace) -> int:
     """``signedrec serve``: resolve artifact/state/config, then run uvicorn on uvloop."""
-    from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, DEFAULT_THRESHOLD
+    from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, build_default
 
     config = load_config(args.config)
     artifact = DEFAULT_ARTIFACTS if args.artifact is None else Path(args.artifact)
@@ -845,10 +845,8 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_STARTUP_FAILURE
     log.info("listening on http://%s:%d; loading %s", host, sock.getsockname()[1], artifact)
     if args.artifact is None and not list_versions(artifact):
-        from server.train import train
-
         log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
-        train(DEFAULT_DATA, DEFAULT_THRESHOLD, artifact, config.model)
+        build_default()
     service: Service = app.state["service"]
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])

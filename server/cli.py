@@ -91,16 +91,26 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build_default(args: argparse.Namespace) -> int:
+def build_default(force: bool = False) -> Path | None:
+    """Train the embedded default from the in-repo data with the default config, if absent.
+
+    The same for ``build-default`` and a ``serve`` that finds none: the default never depends
+    on a ``--config`` file. Returns the new version, or None when one was already there.
+    """
     from server.artifacts import list_versions
     from server.config import load_config
     from server.train import train
 
-    if list_versions(DEFAULT_ARTIFACTS) and not args.force:
-        print(f"default artifact present under {DEFAULT_ARTIFACTS}")
-        return 0
-    path = train(DEFAULT_DATA, DEFAULT_THRESHOLD, DEFAULT_ARTIFACTS, load_config(None).model)
-    print(path)
+    if list_versions(DEFAULT_ARTIFACTS) and not force:
+        return None
+    return train(
+        DEFAULT_DATA, DEFAULT_THRESHOLD, DEFAULT_ARTIFACTS, load_config(None, env={}).model
+    )
+
+
+def _cmd_build_default(args: argparse.Namespace) -> int:
+    path = build_default(args.force)
+    print(path if path is not None else f"default artifact present under {DEFAULT_ARTIFACTS}")
     return 0
 
 
