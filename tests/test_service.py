@@ -6,6 +6,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -319,6 +320,42 @@ def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> Non
         assert _state_of(again, users) == before
     finally:
         again.stop()
+    assert "restored snapshot" in again.log_path.read_text()
+
+
+def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
+    tmp_path: Path,
+) -> None:
+    """Snapshots (built off the event loop while writes wait) every 3 events under 6 writers."""
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3"}
+    srv = Server(tmp_path / "state", env)
+    users = [f"busy-{i}" for i in range(6)]
+
+    def write(user: str) -> list[str]:
+        acked = []
+        with httpx.Client(base_url=srv.url, timeout=30.0) as client:
+            for n in range(25):
+                event = _event(user, str(n), "like" if n % 3 else "dislike")
+                answer = client.post("/v1/feedback", json=event)
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == {"accepted": 1, "duplicates": 0}
+                client.get(f"/v1/recommendations/{user}").raise_for_status()
+                acked.append(event["event_id"])
+        return acked
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        acked = dict(zip(users, pool.map(write, users), strict=True))
+    before = _state_of(srv, users)
+    srv.stop(signal.SIGKILL)
+    assert (tmp_path / "state" / "snapshot.msgpack").is_file()
+    again = Server(tmp_path / "state", env)
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    for user, ids in acked.items():
+        history = before[user][1]["events"]  # type: ignore[index]
+        assert [e["event_id"] for e in history] == ids[::-1]  # each once, newest first
     assert "restored snapshot" in again.log_path.read_text()
 
 
