@@ -402,8 +402,15 @@ class Service:
         except (RuntimeError, ValueError) as exc:  # e.g. cuda requested on a host without one
             raise ConfigError(f"kernels.backend: {exc}") from None
         kernels.warmup()
-        state = LiveState(path, self.state_dir, self.config)
-        state.open_log()
+        paused = self.config.server.gc_off_while_loading and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            state = LiveState(path, self.state_dir, self.config)
+            state.open_log()
+        finally:
+            if paused:
+                gc.enable()  # start() then collects once and freezes (tune_gc)
         return state
 
     async def start(self) -> None:
@@ -416,6 +423,9 @@ class Service:
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.events.inc(state.events_applied)
+        if state.startup_snapshot is not None:  # written off the critical path to ready
+            snap, state.startup_snapshot = state.startup_snapshot, None
+            self.snapshotting = asyncio.create_task(asyncio.to_thread(state.save_snapshot, snap))
         self.state = state
         tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())

@@ -153,6 +153,10 @@ class ServerConfig(Base):
     # because each request allocates hundreds of short-lived framework objects.
     gc_freeze_after_load: bool = True
     gc_threshold0: Annotated[int, msgspec.Meta(ge=0)] = 20_000
+    # Loading builds millions of acyclic containers (users' feedback, histories) and the cyclic
+    # collector would scan the growing heap over and over: off while loading, one collection at
+    # the end (1M events in-process: apply 4.4 -> 3.3 s, start-up snapshot 1.5 -> 0.6 s).
+    gc_off_while_loading: bool = True
 
 
 class AccessConfig(Base):

@@ -167,6 +167,7 @@ class LiveState:
         self.events_applied = 0
         self.applied_seq = 0
         self.since_snapshot = 0
+        self.startup_snapshot: snapshot.Snapshot | None = None  # taken after a long replay
         self.log: EventLog | None = None
         self._weights = config.events
 
@@ -280,7 +281,10 @@ class LiveState:
             f", repaired tail: {report.problem}" if report.problem else "",
         )
         if replayed >= self.config.log.snapshot_every_events:
-            self.write_snapshot()
+            # Taken now (nothing else runs yet, so it is consistent); encoding and fsyncing it
+            # is left to the caller (the service does it in a worker thread once it is ready).
+            self.startup_snapshot = self.take_snapshot()
+            self.since_snapshot = 0
         self.ready = True
         return report
 
@@ -313,6 +317,7 @@ class LiveState:
         """Take and write a snapshot now."""
         if self.save_snapshot(self.take_snapshot()):
             self.since_snapshot = 0
+            self.startup_snapshot = None
 
     def save_snapshot(self, snap: snapshot.Snapshot) -> bool:
         """Write a snapshot; a failure (disk full) only costs replay time later, so it is logged."""
@@ -349,7 +354,7 @@ class LiveState:
         """Flush and close the event log, leaving a snapshot so the next start is quick."""
         if self.log is not None:
             await self.log.close()
-            if self.ready and self.since_snapshot:
+            if self.ready and (self.since_snapshot or self.startup_snapshot is not None):
                 self.write_snapshot()
 
     # -- feedback ----------------------------------------------------------------------------

@@ -359,6 +359,34 @@ def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
     assert "restored snapshot" in again.log_path.read_text()
 
 
+def test_a_long_replay_leaves_a_snapshot_written_after_ready(tmp_path: Path) -> None:
+    """Start-up takes the snapshot before ready and writes it in the background once ready."""
+    srv = Server(tmp_path / "state", {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "1000"})
+    users = [f"long-{i}" for i in range(3)]
+    for n, user in enumerate(users):
+        _post(srv, [_event(user, str(7 + n), "like"), _event(user, "50", "dislike")])
+    before = _state_of(srv, users)
+    srv.stop(signal.SIGKILL)  # no snapshot yet: 6 events, far below 1000
+    snapshot_file = tmp_path / "state" / "snapshot.msgpack"
+    assert not snapshot_file.exists()
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "5"}  # now 6 replayed events are "long"
+    srv = Server(tmp_path / "state", env)
+    deadline = time.monotonic() + 10.0
+    while not snapshot_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state_of(srv, users) == before
+    srv.stop(signal.SIGKILL)
+    assert snapshot_file.is_file()
+    again = Server(tmp_path / "state", env)
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    text = again.log_path.read_text()
+    assert "restored snapshot" in text
+    assert "replayed 0 events" in text
+
+
 def test_corrupt_snapshot_is_ignored(tmp_path: Path) -> None:
     srv = Server(tmp_path / "state")
     users = ["corrupt-a", "3"]
