@@ -300,6 +300,27 @@ def test_snapshot_restores_after_sigterm(tmp_path: Path) -> None:
     assert "replayed 0 events" in text
 
 
+def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
+    """Wait until the server has written ``path`` (snapshots land after the answer)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.is_file(), f"{path} not written within {timeout_s} s"
+
+
+def _kill_restart_and_compare(
+    srv: Server, state_dir: Path, env: dict[str, str], users: list[str], before: object
+) -> str:
+    """SIGKILL, restart on the same state, check the users' state survived; the new log."""
+    srv.stop(signal.SIGKILL)
+    again = Server(state_dir, env)
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop()
+    return again.log_path.read_text()
+
+
 def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> None:
     env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "4"}
     srv = Server(tmp_path / "state", env)
@@ -309,24 +330,15 @@ def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> Non
     before = _state_of(srv, users)
     # The snapshot is written by a worker thread after the answer; killing the process before
     # it lands would test plain replay instead (this raced, about 1 run in 10).
-    snapshot_file = tmp_path / "state" / "snapshot.msgpack"
-    deadline = time.monotonic() + 10.0
-    while not snapshot_file.is_file() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    srv.stop(signal.SIGKILL)
-    assert snapshot_file.is_file()
-    again = Server(tmp_path / "state", env)
-    try:
-        assert _state_of(again, users) == before
-    finally:
-        again.stop()
-    assert "restored snapshot" in again.log_path.read_text()
+    _wait_for(tmp_path / "state" / "snapshot.msgpack")
+    text = _kill_restart_and_compare(srv, tmp_path / "state", env, users, before)
+    assert "restored snapshot" in text
 
 
 def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
     tmp_path: Path,
 ) -> None:
-    """Snapshots (built off the event loop while writes wait) every 3 events under 6 writers."""
+    """Periodic snapshots every 3 events while 6 clients write: nothing lost or doubled."""
     env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3"}
     srv = Server(tmp_path / "state", env)
     users = [f"busy-{i}" for i in range(6)]
@@ -346,17 +358,12 @@ def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
     with ThreadPoolExecutor(len(users)) as pool:
         acked = dict(zip(users, pool.map(write, users), strict=True))
     before = _state_of(srv, users)
-    srv.stop(signal.SIGKILL)
-    assert (tmp_path / "state" / "snapshot.msgpack").is_file()
-    again = Server(tmp_path / "state", env)
-    try:
-        assert _state_of(again, users) == before
-    finally:
-        again.stop()
     for user, ids in acked.items():
         history = before[user][1]["events"]  # type: ignore[index]
         assert [e["event_id"] for e in history] == ids[::-1]  # each once, newest first
-    assert "restored snapshot" in again.log_path.read_text()
+    _wait_for(tmp_path / "state" / "snapshot.msgpack")
+    text = _kill_restart_and_compare(srv, tmp_path / "state", env, users, before)
+    assert "restored snapshot" in text
 
 
 def test_a_long_replay_leaves_a_snapshot_written_after_ready(tmp_path: Path) -> None:
@@ -371,18 +378,9 @@ def test_a_long_replay_leaves_a_snapshot_written_after_ready(tmp_path: Path) -> 
     assert not snapshot_file.exists()
     env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "5"}  # now 6 replayed events are "long"
     srv = Server(tmp_path / "state", env)
-    deadline = time.monotonic() + 10.0
-    while not snapshot_file.is_file() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(snapshot_file)
     assert _state_of(srv, users) == before
-    srv.stop(signal.SIGKILL)
-    assert snapshot_file.is_file()
-    again = Server(tmp_path / "state", env)
-    try:
-        assert _state_of(again, users) == before
-    finally:
-        again.stop()
-    text = again.log_path.read_text()
+    text = _kill_restart_and_compare(srv, tmp_path / "state", env, users, before)
     assert "restored snapshot" in text
     assert "replayed 0 events" in text
 
