@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.host import cpu_model
 from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus, _ = gpu_count()  # the server's index.device "auto" makes the same check
     faiss_on = f"faiss on GPU ({gpus} visible)" if gpus else "faiss on CPU"
-    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {faiss_on}"
+    device = f"{cpu_model()}, {os.cpu_count()} cores, {faiss_on}"
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="signedrec-capacity-") as tmp:
         work = Path(tmp)
