@@ -105,7 +105,11 @@ def np_suppress_topk(
                 continue
             penalty = np.float32(0.0)
             if negs.size:
-                penalty = max(penalty, np.max(unit_vecs[negs] @ unit_vecs[item]))
+                # Products summed elementwise, not `@`: BLAS matmul on an AMD EPYC VM sporadically
+                # flagged 'invalid value' for these finite inputs (not on a retry), which the
+                # suite's warnings-as-errors turned into a failure. The sums are exact here.
+                cosines = (unit_vecs[negs] * unit_vecs[item]).sum(axis=1)
+                penalty = max(penalty, np.max(cosines))
             kept.append((cand_scores[b, c] - g * penalty, c, item))
         kept.sort(key=lambda entry: (-entry[0], entry[1]))
         for j, (score, _, item) in enumerate(kept[:k]):
