@@ -27,20 +27,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fixed = None
     if args.hyper_from is not None:
         from server.artifacts import read_manifest, resolve
-        from server.config import SearchPoint
+        from server.config import Hyper
         from server.errors import ArtifactError
-        from server.model import Hyper
 
         source = resolve(Path(args.hyper_from))
         try:
-            point = msgspec.convert(
-                read_manifest(source)["model"]["hyper"], SearchPoint, strict=False
-            )
+            fixed = msgspec.convert(read_manifest(source)["model"]["hyper"], Hyper, strict=False)
         except (KeyError, TypeError, msgspec.ValidationError) as exc:
             raise ArtifactError(
                 f"{source}/manifest.json: no usable model.hyper ({type(exc).__name__}: {exc})"
             ) from None
-        fixed = Hyper(**msgspec.structs.asdict(point))
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed)
     print(path)
     return 0

@@ -18,15 +18,19 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
     """Shared flags for every config and wire struct: unknown fields are errors, not silence."""
 
 
-class SearchPoint(Base):
-    """One point of the model's hyper-parameter space (``server.model.Hyper``), typed."""
+class Hyper(Base):
+    """One point of the model's hyper-parameter space (the search's start, or a manifest's)."""
 
     neg_weight: float = 0.5
-    l2: float = 4.0
+    l2: float = 4.0  # relative to the mean item degree of the signed input
     dropout: float = 0.25
     gf_rank: Annotated[int, msgspec.Meta(ge=1)] = 64
     gf_ideal: float = 1.0
     gf_mix: float = 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest and progress lines."""
+        return msgspec.structs.asdict(self)
 
 
 class ModelConfig(Base):
@@ -37,7 +41,7 @@ class ModelConfig(Base):
     selection_metric: Literal["ndcg@20", "recall@20"] = "ndcg@20"
     # Starting point and grids of the coordinate search, identical for every dataset. The ridge
     # penalty is relative to the mean item degree, so one grid fits catalogues of any density.
-    start: SearchPoint = SearchPoint()
+    start: Hyper = Hyper()
     l2_grid: tuple[float, ...] = (2.0, 8.0, 16.0, 32.0, 1.0)
     dropout_grid: tuple[float, ...] = (0.0, 0.5)
     neg_input_grid: tuple[float, ...] = (0.25, 1.0, 0.0)

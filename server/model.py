@@ -16,13 +16,12 @@ user's signed neighbourhood, and one feedback event is an exact O(d) in-place up
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch_geometric.utils import scatter, spmm
 
+from server.config import Hyper
 from server.graph import SignedGraph
 
 _BLOCK = 512  # item columns per block of the two-hop propagation
@@ -30,22 +29,6 @@ _SCALE_USERS = 1024  # users sampled to match the scale of the two operator part
 _SPECTRAL_KEEP = 256  # eigenvectors kept for the ideal low-pass filter
 _OVERSAMPLE = 16  # randomised SVD oversampling and power iterations
 _POWER_ITERS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Hyper:
-    """One point of the hyper-parameter space."""
-
-    neg_weight: float = 0.5
-    l2: float = 4.0  # relative to the mean item degree of the signed input
-    dropout: float = 0.25
-    gf_rank: int = 64
-    gf_ideal: float = 1.0
-    gf_mix: float = 1.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Plain dict for the manifest."""
-        return {f: getattr(self, f) for f in self.__slots__}
 
 
 class SignedGraphModel:

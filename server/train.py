@@ -15,7 +15,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from server.artifacts import save_artifact
-from server.config import ModelConfig
+from server.config import Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.evaluate import (
     Truth,
@@ -35,7 +34,7 @@ from server.evaluate import (
     interaction_matrix,
 )
 from server.graph import SignedGraph, build_graph
-from server.model import Hyper, SignedGraphModel, factorise
+from server.model import SignedGraphModel, factorise
 from server.propensity import Propensity
 
 log = logging.getLogger("signedrec.train")
@@ -89,9 +88,9 @@ def search(
 ) -> tuple[Hyper, dict[str, float], list[dict[str, Any]]]:
     """Coordinate ascent over the config grids; returns the best point, its metrics, the trials."""
     metric = config.selection_metric
-    best = Hyper(**msgspec.structs.asdict(config.start))
+    best = config.start
     # The graph-filter axes are meaningless until the autoencoder part is tuned: search it alone.
-    best = replace(best, gf_mix=0.0)
+    best = msgspec.structs.replace(best, gf_mix=0.0)
     best_metrics = score(best)
     trials = [{"trial": 0, **best.as_dict(), **best_metrics}]
     print(f"trial 0 start {best.as_dict()} {metric}={best_metrics[metric]:.4f}", file=out)
@@ -105,7 +104,7 @@ def search(
                 continue
             n += 1
             t0 = time.perf_counter()
-            candidate = replace(best, **{axis: value})
+            candidate = msgspec.structs.replace(best, **{axis: value})
             metrics = score(candidate)
             trials.append({"trial": n, **candidate.as_dict(), **metrics})
             better = metrics[metric] > best_metrics[metric]
