@@ -4,8 +4,8 @@ A snapshot is one msgpack file with a crc32 header, written to a temp file, fsyn
 It is only trusted for the artifact version it was taken under and the users and trained graph
 the state was built on (after a live swap to a version trained on another graph, the state keeps
 the graph it started on); anything else (another version or graph, a bad checksum, an unreadable
-file) is reported and ignored, and the full log is replayed. Log
-segments are never deleted on the strength of a snapshot, so a lost snapshot never loses data.
+file) is reported and ignored, and the full log is replayed. Log segments are never deleted on
+the strength of a snapshot, so a lost snapshot never loses data.
 """
 
 from __future__ import annotations

@@ -55,6 +55,13 @@ def _regraphed(artifact: Artifact) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _another_version(first: Artifact, arrays: dict[str, np.ndarray], root: Path) -> Path:
+    """A new version of ``first``'s model with other ``arrays`` (its manifest otherwise)."""
+    manifest = {k: v for k, v in first.manifest.items()
+                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    return save_artifact(root, arrays, manifest)
+
+
 def _answers(state: LiveState, users: list[str]) -> list[tuple[list[str], list[float]]]:
     return [(r.items, r.scores) for r in state.recommend_many(users, 8)]
 
@@ -65,9 +72,7 @@ def test_a_restart_after_a_swap_to_another_graph_replays_instead_of_misreading_t
     """The snapshot of a swapped state (old graph, new item side) must not be restored onto the
     new artifact's own users and graph: user rows would land on other users."""
     first = load_artifact(tiny_artifact)
-    manifest = {k: v for k, v in first.manifest.items()
-                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
-    second = save_artifact(tmp_path / "root", _regraphed(first), manifest)
+    second = _another_version(first, _regraphed(first), tmp_path / "root")
     config = load_config(env={})
     live = LiveState(tiny_artifact, tmp_path / "state", config)
     live.open_log()
@@ -96,11 +101,9 @@ def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
     first = load_artifact(tiny_artifact)
-    manifest = {k: v for k, v in first.manifest.items()
-                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
     arrays = dict(first.arrays)
     arrays["item_table"] = (arrays["item_table"] * 1.1).astype(np.float32)
-    second = save_artifact(tmp_path / "root", arrays, manifest)
+    second = _another_version(first, arrays, tmp_path / "root")
     config = load_config(env={})
     live = LiveState(tiny_artifact, tmp_path / "state", config)
     live.open_log()
