@@ -384,6 +384,7 @@ class Service:
         self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
         self.swapping = asyncio.Lock()
         self.snapshotting: asyncio.Task[bool] | None = None
+        self.stopping = False  # set on shutdown: a snapshot being copied gives way to close()
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
@@ -423,12 +424,33 @@ class Service:
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.events.inc(state.events_applied)
-        if state.startup_snapshot is not None:  # written off the critical path to ready
-            snap, state.startup_snapshot = state.startup_snapshot, None
-            self.snapshotting = asyncio.create_task(asyncio.to_thread(state.save_snapshot, snap))
+        if state.since_snapshot >= self.config.log.snapshot_every_events:
+            # A long replay: snapshot it once serving, paced like a periodic one, so the next
+            # start is quick and this one's ready is not delayed.
+            self.snapshotting = asyncio.create_task(self.snapshot(state))
         self.state = state
         tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    async def snapshot(self, state: LiveState) -> bool:
+        """Copy the state in steps between requests, then encode and write it in a thread."""
+        capture = state.begin_snapshot()
+        share = self.config.log.snapshot_loop_share
+        try:
+            while True:
+                if self.stopping:  # close() writes a final snapshot in one go
+                    state.abandon_snapshot("shutting down")
+                if capture.abandoned:  # or a model swap: it would mix two models' vectors
+                    return False
+                started = time.perf_counter()
+                if capture.step(self.config.log.snapshot_step):
+                    break
+                # Paced: a request needs several loop turns, and sleep(0) gives it only one
+                # per step; idling in proportion lets requests through between steps.
+                await asyncio.sleep((time.perf_counter() - started) * (1.0 - share) / share)
+        finally:
+            state.end_snapshot(capture)
+        return await asyncio.to_thread(state.save_snapshot, capture.result())
 
     def loaded(self, task: asyncio.Task[None]) -> None:
         """Done-callback of the loading task: a failure is logged with its cause, then reported."""
@@ -672,10 +694,7 @@ async def _feedback(
         if state.since_snapshot >= state.config.log.snapshot_every_events and (
             service.snapshotting is None or service.snapshotting.done()
         ):
-            # Built here (consistent with the log), encoded and fsync'd off the event loop.
-            snap = state.take_snapshot()
-            state.since_snapshot = 0
-            service.snapshotting = asyncio.create_task(asyncio.to_thread(state.save_snapshot, snap))
+            service.snapshotting = asyncio.create_task(service.snapshot(state))
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
@@ -771,6 +790,7 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
     async def on_shutdown(app: Litestar) -> None:
         if service.loading is not None and not service.loading.done():
             await asyncio.wait([service.loading])
+        service.stopping = True
         if service.snapshotting is not None:
             await asyncio.wait([service.snapshotting])
         if service.state is not None:

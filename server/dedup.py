@@ -34,10 +34,17 @@ class RecentIds:
 
     def __iter__(self) -> Iterator[str]:
         """Live ids, oldest first (the order a snapshot keeps)."""
+        return iter(self.live(*self.entries()))
+
+    def entries(self) -> tuple[list[str], int]:
+        """The queue as it is (stale entries included) and its head's position: a snapshot's
+        starting point, filtered later with :meth:`live` in steps."""
+        return list(self._queue), self._evicted
+
+    def live(self, entries: list[str], offset: int) -> list[str]:
+        """The ``entries`` (the first at position ``offset``) still live where they were added."""
         position = self._position
-        for offset, event_id in enumerate(self._queue, start=self._evicted):
-            if position.get(event_id) == offset:
-                yield event_id
+        return [e for o, e in enumerate(entries, offset) if position.get(e) == o]
 
     def add(self, ids: Iterable[str]) -> None:
         """Remember ids as accepted now, forgetting the oldest beyond the capacity."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -16,12 +16,13 @@ def fsync_dir(directory: Path, fsync: Callable[[int], None] = os.fsync) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> Path:
+    """Replace ``path`` with ``data`` (or its pieces, in order) so a crash leaves old or new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as handle:
-        handle.write(data)
+        for piece in (data,) if isinstance(data, bytes) else data:
+            handle.write(piece)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -300,6 +300,32 @@ def test_snapshot_restores_after_sigterm(tmp_path: Path) -> None:
     assert "replayed 0 events" in text
 
 
+def test_sigterm_while_a_snapshot_is_being_copied_still_leaves_a_full_one(tmp_path: Path) -> None:
+    """A slow paced copy (one row per step, 1% of the loop) is under way at SIGTERM: shutdown
+    gives it up at once and close() writes the final snapshot, so the restart replays nothing."""
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2", "SIGNEDREC_LOG__SNAPSHOT_STEP": "1",
+           "SIGNEDREC_LOG__SNAPSHOT_LOOP_SHARE": "0.01"}  # fmt: skip
+    srv = Server(tmp_path / "state", env)
+    users = ["slow-a", "slow-b", "7"]
+    for user in users:
+        _post(srv, [_event(user, "21", "like"), _event(user, "50", "dislike")])
+    before = _state_of(srv, users)
+    started = time.monotonic()
+    srv.stop(signal.SIGTERM)
+    # Thousands of rows at ~1 ms each would take seconds to finish copying.
+    assert time.monotonic() - started < 5.0
+    text = srv.log_path.read_text()
+    assert "abandoned: shutting down" in text
+    again = Server(tmp_path / "state", env)
+    try:
+        assert _state_of(again, users) == before
+    finally:
+        again.stop(signal.SIGKILL)
+    text = again.log_path.read_text()
+    assert "restored snapshot" in text
+    assert "replayed 0 events" in text
+
+
 def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
     """Wait until the server has written ``path`` (snapshots land after the answer)."""
     deadline = time.monotonic() + timeout_s
@@ -338,8 +364,9 @@ def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> Non
 def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
     tmp_path: Path,
 ) -> None:
-    """Periodic snapshots every 3 events while 6 clients write: nothing lost or doubled."""
-    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3"}
+    """Periodic snapshots every 3 events while 6 clients write: nothing lost or doubled. Each
+    snapshot copies one user per event-loop step, so writes land in the middle of its copy."""
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3", "SIGNEDREC_LOG__SNAPSHOT_STEP": "1"}
     srv = Server(tmp_path / "state", env)
     users = [f"busy-{i}" for i in range(6)]
 
@@ -367,7 +394,7 @@ def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
 
 
 def test_a_long_replay_leaves_a_snapshot_written_after_ready(tmp_path: Path) -> None:
-    """Start-up takes the snapshot before ready and writes it in the background once ready."""
+    """After a long replay the server snapshots once it is ready (paced, like a periodic one)."""
     srv = Server(tmp_path / "state", {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "1000"})
     users = [f"long-{i}" for i in range(3)]
     for n, user in enumerate(users):

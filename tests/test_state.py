@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server import snapshot
 from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import load_config
 from server.events import EventRecord, NewEvent
@@ -118,3 +119,92 @@ def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
     assert restarted.events_applied == 0  # restored from the snapshot, nothing replayed
     assert _answers(restarted, ["0", "x", "5"]) == expected
     asyncio.run(restarted.close())
+
+
+def _random_events(rng: np.random.Generator, n: int, first: int) -> list[NewEvent]:
+    """Events on trained and new users, every kind, some items repeated (strength changes)."""
+    users = [str(u) for u in range(0, N_USERS, 5)] + [f"new-{u}" for u in range(4)]
+    kinds = ["like", "dislike", "skip", "rating"]
+    out = []
+    for k in range(first, first + n):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        value = float(rng.integers(1, 6)) if kind == "rating" else None
+        out.append(NewEvent(event_id=f"e{k}", user_id=users[int(rng.integers(len(users)))],
+                            item_id=str(int(rng.integers(0, 12))), kind=kind, value=value,
+                            ts=float(k)))  # fmt: skip
+    return out
+
+
+def _accept(state: LiveState, events: list[NewEvent]) -> None:
+    """What the webhook does: reserve the ids, write the log, apply."""
+    assert state.log is not None
+    state.reserve(events)
+    state.apply(state.log.append_sync(events))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_snapshot_copied_in_steps_while_events_apply_restores_the_live_state(
+    tiny_artifact: Path, tmp_path: Path, seed: int
+) -> None:
+    """Users are copied a few per step while events keep landing (on copied and uncopied users,
+    new users, and past a small dedup window); the snapshot plus the log after its seq must
+    rebuild exactly the live state."""
+    rng = np.random.default_rng(seed)
+    config = load_config(env={"SIGNEDREC_LOG__DEDUP_WINDOW": "40"})
+    live = LiveState(tiny_artifact, tmp_path / "live", config)
+    live.open_log()
+    _accept(live, _random_events(rng, 60, 0))
+    capture = live.begin_snapshot()
+    seq, sent = live.applied_seq, 60
+    while True:
+        batch = _random_events(rng, int(rng.integers(1, 5)), sent)
+        sent += len(batch)
+        _accept(live, batch)
+        if capture.step(int(rng.integers(1, 4))):
+            break
+    live.end_snapshot(capture)
+    _accept(live, _random_events(rng, 10, sent))
+    snap = capture.result()
+    assert snap.seq == seq
+
+    restart_dir = tmp_path / "restart"
+    shutil.copytree(tmp_path / "live" / "events", restart_dir / "events")
+    snapshot.write(restart_dir, snap, chunk=3)  # several frames of each kind
+    restarted = LiveState(tiny_artifact, restart_dir, config)
+    restarted.open_log()
+    assert restarted.events_applied == sent + 10 - 60  # only what followed the snapshot's seq
+    n = len(live.users)
+    assert len(restarted.users) == n
+    np.testing.assert_allclose(restarted.vectors[:n], live.vectors[:n], rtol=0, atol=1e-6)
+    assert restarted.feedback.keys() == live.feedback.keys()
+    for user, f in live.feedback.items():
+        g = restarted.feedback[user]
+        assert list(g.strength.items()) == list(f.strength.items())
+        assert list(g.recent_negative) == list(f.recent_negative)
+        assert list(g.history) == list(f.history)
+    assert list(restarted.event_ids) == list(live.event_ids)  # the same dedup window
+    for state in (live, restarted):
+        asyncio.run(state.close())
+
+
+def test_a_model_swap_abandons_a_snapshot_being_copied(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Rows not yet copied would come from the new model: the capture is dropped, and the
+    events it had counted still count towards the next snapshot."""
+    config = load_config(env={"SIGNEDREC_LOG__SNAPSHOT_STEP": "1"})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    _accept(live, [_new("a", "0", "3"), _new("b", "x", "4")])
+    capture = live.begin_snapshot()
+    assert live.since_snapshot == 0
+    assert not capture.step(1)
+    first = load_artifact(tiny_artifact)
+    arrays = dict(first.arrays)
+    arrays["item_table"] = (arrays["item_table"] * 1.1).astype(np.float32)
+    live.swap(ItemSide(load_artifact(_another_version(first, arrays, tmp_path / "root")), config))
+    assert capture.abandoned
+    assert live.since_snapshot == 2
+    pending = set(capture.pending)
+    assert live.users.get("x") in pending
+    _accept(live, [_new("c", "x", "5")])
+    assert capture.pending == pending  # nothing more is copied into the abandoned capture
+    asyncio.run(live.close())
