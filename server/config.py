@@ -137,7 +137,7 @@ class EventLogConfig(Base):
     snapshot_every_events: int = 1_000_000
     # A periodic snapshot copies this many users' feedback (or dedup ids) per event-loop step,
     # and its writer encodes chunks of this many, so requests interleave with both.
-    snapshot_step: Annotated[int, msgspec.Meta(ge=1)] = 500
+    snapshot_step: Annotated[int, msgspec.Meta(ge=1)] = 200
     # The share of the event loop's time a periodic snapshot's copying may take (it idles in
     # proportion after each step, so requests keep their latency; 1 = no idling).
     snapshot_loop_share: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
