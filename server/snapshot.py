@@ -129,7 +129,8 @@ def _frames(snap: Snapshot, chunk: int) -> Iterator[bytes | memoryview]:
     starts = range(0, len(snap.event_ids), chunk)
     head = Head(snap.artifact_version, snap.seq, snap.users, snap.vectors.shape[1], snap.graph,
                 len(snap.feedback), len(starts))  # fmt: skip
-    vectors = memoryview(np.ascontiguousarray(snap.vectors, dtype=np.float32)).cast("B")
+    array = np.ascontiguousarray(snap.vectors, dtype=np.float32)
+    vectors = memoryview(array).cast("B") if array.size else b""  # no byte view of 0 rows
     encoded = (_ENCODER.encode(snap.event_ids[i : i + chunk]) for i in starts)  # one at a time
     crc = 0
     yield HEADER.pack(MAGIC, SCHEMA)
