@@ -135,7 +135,7 @@ class SnapshotCapture:
         # Filled row range by row range: one flat copy of a large array stalls the loop, mostly
         # on page faults of the fresh memory (54 MB: 130 ms on a 2-core VM).
         self.vectors = np.empty((n, state.item_side.dim), np.float32)
-        self.row_copied = np.zeros(n, bool)
+        self.row_copied = np.zeros(n, bool)  # saved before a change: never saved again
         self.row_cursor = 0
         # Rows copied before a change, ahead of the cursor: kept aside and put in place once the
         # steps have reached them, because scattered writes into the fresh array would fault in
@@ -173,10 +173,9 @@ class SnapshotCapture:
         if self.row_cursor < self.n:
             start = self.row_cursor
             end = self.n if budget is None else min(self.n, start + budget)
-            np.copyto(self.vectors[start:end], self.state.vectors[start:end],
-                      where=~self.row_copied[start:end, None])  # fmt: skip
+            self.vectors[start:end] = self.state.vectors[start:end]
             self.row_cursor = end
-            if end == self.n:
+            if end == self.n:  # rows saved before a change replace what the steps copied
                 for rows, values in self.early_rows:
                     self.vectors[rows] = values
                 self.early_rows.clear()
