@@ -342,6 +342,21 @@ class Metrics:
             "signedrec_ranking_batch_size", "Recommendation requests ranked per FAISS search",
             registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )  # fmt: skip
+        self.snapshots = Counter(
+            "signedrec_snapshots_total", "Periodic snapshots by outcome (written, failed: not "
+            "written, e.g. a full disk; abandoned: a model swap or shutdown)", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_seconds = Histogram(
+            "signedrec_snapshot_seconds", "Periodic snapshot, start of the copy to written",
+            registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )  # fmt: skip
+        # Grows without bound while snapshots fail: the replay a restart would need.
+        self.since_snapshot = Gauge(
+            "signedrec_events_since_snapshot",
+            "Events applied since the last snapshot began",
+            registry=r,
+        )
 
 
 class CacheCollector(Collector):
@@ -375,6 +390,9 @@ class Service:
         self.state_dir = state_dir
         self.config = config
         self.metrics = Metrics()
+        self.metrics.since_snapshot.set_function(
+            lambda: 0 if self.state is None else self.state.since_snapshot
+        )
         self.metrics.registry.register(CacheCollector(self))
         self.guard = Guard(config.access)
         self.limiter = RateLimiter(config.limits)
@@ -434,6 +452,7 @@ class Service:
 
     async def snapshot(self, state: LiveState) -> bool:
         """Copy the state in steps between requests, then encode and write it in a thread."""
+        started_at = time.perf_counter()
         capture = state.begin_snapshot()
         share = self.config.log.snapshot_loop_share
         try:
@@ -441,6 +460,7 @@ class Service:
                 if self.stopping:  # close() writes a final snapshot in one go
                     state.abandon_snapshot("shutting down")
                 if capture.abandoned:  # or a model swap: it would mix two models' vectors
+                    self.metrics.snapshots.labels("abandoned").inc()
                     return False
                 started = time.perf_counter()
                 if capture.step(self.config.log.snapshot_step):
@@ -450,7 +470,11 @@ class Service:
                 await asyncio.sleep((time.perf_counter() - started) * (1.0 - share) / share)
         finally:
             state.end_snapshot(capture)
-        return await asyncio.to_thread(state.save_snapshot, capture.result())
+        written = await asyncio.to_thread(state.save_snapshot, capture.result())
+        self.metrics.snapshots.labels("written" if written else "failed").inc()
+        if written:
+            self.metrics.snapshot_seconds.observe(time.perf_counter() - started_at)
+        return written
 
     def loaded(self, task: asyncio.Task[None]) -> None:
         """Done-callback of the loading task: a failure is logged with its cause, then reported."""

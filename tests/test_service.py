@@ -357,6 +357,18 @@ def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> Non
     # The snapshot is written by a worker thread after the answer; killing the process before
     # it lands would test plain replay instead (this raced, about 1 run in 10).
     _wait_for(tmp_path / "state" / "snapshot.msgpack")
+    # Operators see it: one written (counted once the worker thread is back), the two events of
+    # the last post since it began, and its duration.
+    deadline = time.monotonic() + 10.0
+    while (
+        'signedrec_snapshots_total{result="written"} 1.0'
+        not in (metrics := srv.client.get("/metrics").text)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert 'signedrec_snapshots_total{result="written"} 1.0' in metrics
+    assert "signedrec_events_since_snapshot 2.0" in metrics
+    assert "signedrec_snapshot_seconds_count 1.0" in metrics
     text = _kill_restart_and_compare(srv, tmp_path / "state", env, users, before)
     assert "restored snapshot" in text
 
