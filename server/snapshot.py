@@ -142,7 +142,7 @@ def _frames(snap: Snapshot, chunk: int) -> Iterator[bytes | memoryview]:
     yield TRAILER.pack(crc)
 
 
-def write(directory: Path, snap: Snapshot, chunk: int = 4096) -> Path:
+def write(directory: Path, snap: Snapshot, chunk: int) -> Path:
     """Atomically replace the snapshot in ``directory``, encoding ``chunk`` event ids at once."""
     return atomic_write(directory / FILE, _frames(snap, chunk))
 

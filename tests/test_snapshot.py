@@ -67,7 +67,7 @@ def test_a_large_chunk_uses_the_array_32_header() -> None:
     users = [snapshot.UserSnapshot(user=i, items=[], strengths=[], negatives=[], history=[])
              for i in range(70_000)]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        snapshot.write(Path(tmp), _snapshot(2, 3, users, ["a"], 70_000))
+        snapshot.write(Path(tmp), _snapshot(2, 3, users, ["a"], 70_000), 70_000)
         back = snapshot.read(Path(tmp), VERSION, GRAPH)
     assert back is not None
     assert [u.user for u in back.user_feedback()] == list(range(70_000))
@@ -82,7 +82,7 @@ def test_any_damaged_byte_makes_the_snapshot_ignored(position: float, flip: int)
     feedback = [snapshot.UserSnapshot(user=3, items=[1, 2], strengths=[1.0, -1.0],
                                       negatives=[2], history=[row])]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        path = snapshot.write(Path(tmp), _snapshot(3, 4, feedback, ["e1", "e2"], 1))
+        path = snapshot.write(Path(tmp), _snapshot(3, 4, feedback, ["e1", "e2"], 1), 1)
         data = bytearray(path.read_bytes())
         data[int(position * len(data))] ^= flip
         path.write_bytes(bytes(data))
@@ -92,7 +92,7 @@ def test_any_damaged_byte_makes_the_snapshot_ignored(position: float, flip: int)
 
 
 def test_another_version_or_graph_is_not_restored(tmp_path: Path) -> None:
-    snapshot.write(tmp_path, _snapshot(2, 2, [], [], 1))
+    snapshot.write(tmp_path, _snapshot(2, 2, [], [], 1), 1)
     assert snapshot.read(tmp_path, VERSION, GRAPH) is not None
     assert snapshot.read(tmp_path, "v2", GRAPH) is None
     assert snapshot.read(tmp_path, VERSION, "h" * 64) is None
