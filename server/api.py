@@ -354,7 +354,8 @@ class Metrics:
         # Grows without bound while snapshots fail: the replay a restart would need.
         self.since_snapshot = Gauge(
             "signedrec_events_since_snapshot",
-            "Events applied since the last snapshot began",
+            "Events a restart would replay: applied since the last snapshot that was written "
+            "(or is being written) began",
             registry=r,
         )
 
@@ -403,6 +404,8 @@ class Service:
         self.swapping = asyncio.Lock()
         self.snapshotting: asyncio.Task[bool] | None = None
         self.stopping = False  # set on shutdown: a snapshot being copied gives way to close()
+        self.snapshot_failures = 0  # failed writes in a row: the next try backs off
+        self.snapshot_retry_at = 0.0  # time.monotonic() before which no snapshot is started
         self.state: LiveState | None = None
         self.batcher: MicroBatcher[Recommendation] | None = None
         self.loading: asyncio.Task[None] | None = None
@@ -442,13 +445,22 @@ class Service:
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.events.inc(state.events_applied)
-        if state.since_snapshot >= self.config.log.snapshot_every_events:
-            # A long replay: snapshot it once serving, paced like a periodic one, so the next
-            # start is quick and this one's ready is not delayed.
-            self.snapshotting = asyncio.create_task(self.snapshot(state))
+        # A long replay is snapshotted once serving, paced like a periodic one, so the next
+        # start is quick and this one's ready is not delayed.
+        self.maybe_snapshot(state)
         self.state = state
         tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    def maybe_snapshot(self, state: LiveState) -> None:
+        """Start a paced snapshot once enough events await one, unless one is under way or a
+        failed write's back-off has not run out."""
+        if (
+            state.since_snapshot >= self.config.log.snapshot_every_events
+            and (self.snapshotting is None or self.snapshotting.done())
+            and time.monotonic() >= self.snapshot_retry_at
+        ):
+            self.snapshotting = asyncio.create_task(self.snapshot(state))
 
     async def snapshot(self, state: LiveState) -> bool:
         """Copy the state in steps between requests, then encode and write it in a thread."""
@@ -474,6 +486,16 @@ class Service:
         self.metrics.snapshots.labels("written" if written else "failed").inc()
         if written:
             self.metrics.snapshot_seconds.observe(time.perf_counter() - started_at)
+            self.snapshot_failures, self.snapshot_retry_at = 0, 0.0
+        else:
+            state.snapshot_failed(capture)
+            config = self.config.log
+            wait = min(config.snapshot_retry_seconds * 2.0**self.snapshot_failures,
+                       config.snapshot_retry_max_seconds)  # fmt: skip
+            self.snapshot_failures += 1
+            self.snapshot_retry_at = time.monotonic() + wait
+            log.warning("next snapshot try in %.0f s at the earliest (%d failed in a row)",
+                        wait, self.snapshot_failures)  # fmt: skip
         return written
 
     def loaded(self, task: asyncio.Task[None]) -> None:
@@ -715,10 +737,7 @@ async def _feedback(
             raise
         state.apply(records)
         service.metrics.events.inc(len(records))
-        if state.since_snapshot >= state.config.log.snapshot_every_events and (
-            service.snapshotting is None or service.snapshotting.done()
-        ):
-            service.snapshotting = asyncio.create_task(service.snapshot(state))
+        service.maybe_snapshot(state)
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)

@@ -141,6 +141,10 @@ class EventLogConfig(Base):
     # The share of the event loop's time a periodic snapshot's copying may take (it idles in
     # proportion after each step, so requests keep their latency; 1 = no idling).
     snapshot_loop_share: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
+    # After a failed snapshot write (disk full, say) the next try waits this long, doubling
+    # with each failure in a row up to the max: each try copies the whole state again.
+    snapshot_retry_seconds: Annotated[float, msgspec.Meta(gt=0.0)] = 30.0
+    snapshot_retry_max_seconds: Annotated[float, msgspec.Meta(gt=0.0)] = 900.0
     fsync: bool = True
     # Idempotency: a repeated event_id among this many most recent acceptances is acknowledged,
     # not applied; older ids are forgotten so memory stays bounded (~160 bytes per 32-char id).

@@ -398,6 +398,10 @@ class LiveState:
             self._capture = None
             log.info("snapshot at seq %d abandoned: %s", capture.seq, why)
 
+    def snapshot_failed(self, capture: SnapshotCapture) -> None:
+        """A captured snapshot was not written: its events still await one (replay counts them)."""
+        self.since_snapshot += capture.since
+
     def write_snapshot(self) -> None:
         """Take and write a snapshot now."""
         if self.save_snapshot(self.take_snapshot()):

@@ -336,6 +336,15 @@ def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
     assert path.is_file(), f"{path} not written within {timeout_s} s"
 
 
+def _wait_for_metric(srv: Server, line: str, timeout_s: float = 10.0) -> str:
+    """Poll /metrics until it has ``line`` (a snapshot's outcome is counted after its write)."""
+    deadline = time.monotonic() + timeout_s
+    while line not in (text := srv.client.get("/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert line in text, f"{line!r} not in /metrics within {timeout_s} s"
+    return text
+
+
 def _kill_restart_and_compare(
     srv: Server, state_dir: Path, env: dict[str, str], users: list[str], before: object
 ) -> str:
@@ -361,18 +370,44 @@ def test_periodic_snapshot_then_tail_replay_after_sigkill(tmp_path: Path) -> Non
     _wait_for(tmp_path / "state" / "snapshot.msgpack")
     # Operators see it: one written (counted once the worker thread is back), the two events of
     # the last post since it began, and its duration.
-    deadline = time.monotonic() + 10.0
-    while (
-        'signedrec_snapshots_total{result="written"} 1.0'
-        not in (metrics := srv.client.get("/metrics").text)
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert 'signedrec_snapshots_total{result="written"} 1.0' in metrics
+    metrics = _wait_for_metric(srv, 'signedrec_snapshots_total{result="written"} 1.0')
     assert "signedrec_events_since_snapshot 2.0" in metrics
     assert "signedrec_snapshot_seconds_count 1.0" in metrics
     text = _kill_restart_and_compare(srv, tmp_path / "state", env, users, before)
     assert "restored snapshot" in text
+
+
+def test_failed_snapshot_write_is_retried_after_a_back_off(tmp_path: Path) -> None:
+    """A snapshot that cannot be written leaves its events counted as still to replay; the
+    next try waits for the back-off rather than copying the state again at every event."""
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2",
+           "SIGNEDREC_LOG__SNAPSHOT_RETRY_SECONDS": "1.5"}  # fmt: skip
+    state_dir = tmp_path / "state"
+    srv = Server(state_dir, env)
+    # A non-empty directory where the snapshot file goes: the final rename fails, root or not.
+    blocker = state_dir / "snapshot.msgpack"
+    blocker.mkdir()
+    (blocker / "keep").write_text("in the way")
+    _post(srv, [_event("retry-a", "7", "like"), _event("retry-a", "50", "dislike")])
+    text = _wait_for_metric(srv, 'signedrec_snapshots_total{result="failed"} 1.0')
+    assert "signedrec_events_since_snapshot 2.0" in text  # not written: still to replay
+    _post(srv, _event("retry-b", "8", "like"))  # inside the back-off: no second try yet
+    time.sleep(0.3)
+    text = srv.client.get("/metrics").text
+    assert 'signedrec_snapshots_total{result="failed"} 1.0' in text
+    assert "signedrec_events_since_snapshot 3.0" in text
+    (blocker / "keep").unlink()
+    blocker.rmdir()
+    time.sleep(1.5)
+    _post(srv, _event("retry-b", "9", "dislike"))  # past the back-off: tried again, written
+    text = _wait_for_metric(srv, 'signedrec_snapshots_total{result="written"} 1.0')
+    assert 'signedrec_snapshots_total{result="failed"} 1.0' in text
+    assert "signedrec_events_since_snapshot 0.0" in text
+    users = ["retry-a", "retry-b"]
+    before = _state_of(srv, users)
+    log = _kill_restart_and_compare(srv, state_dir, env, users, before)
+    assert "restored snapshot at seq 4" in log
+    assert "replayed 0 events" in log
 
 
 def test_snapshots_built_beside_concurrent_writes_lose_and_double_nothing(
