@@ -381,7 +381,7 @@ def test_failed_snapshot_write_is_retried_after_a_back_off(tmp_path: Path) -> No
     """A snapshot that cannot be written leaves its events counted as still to replay; the
     next try waits for the back-off rather than copying the state again at every event."""
     env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2",
-           "SIGNEDREC_LOG__SNAPSHOT_RETRY_SECONDS": "1.5"}  # fmt: skip
+           "SIGNEDREC_LOG__SNAPSHOT_RETRY_SECONDS": "3"}  # fmt: skip
     state_dir = tmp_path / "state"
     srv = Server(state_dir, env)
     # A non-empty directory where the snapshot file goes: the final rename fails, root or not.
@@ -398,7 +398,7 @@ def test_failed_snapshot_write_is_retried_after_a_back_off(tmp_path: Path) -> No
     assert "signedrec_events_since_snapshot 3.0" in text
     (blocker / "keep").unlink()
     blocker.rmdir()
-    time.sleep(1.5)
+    time.sleep(3.0)
     _post(srv, _event("retry-b", "9", "dislike"))  # past the back-off: tried again, written
     text = _wait_for_metric(srv, 'signedrec_snapshots_total{result="written"} 1.0')
     assert 'signedrec_snapshots_total{result="failed"} 1.0' in text
