@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.quality import REPORTS, git_state, load_avg, machine
-from server.api import tune_gc
 from server.artifacts import load_artifact, resolve
 from server.config import load_config
 from server.events import EventRecord
+from server.service import tune_gc
 from server.state import ItemSide, LiveState
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "model_artifacts" / "default"

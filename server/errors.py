@@ -102,3 +102,9 @@ class OverloadedError(SignedrecError):
     """Too many requests in flight; writes are shed quickly instead of queueing."""
 
     code = "overloaded"
+
+
+class NoPreviousVersionError(SignedrecError):
+    """Rollback asked for with nothing to roll back to."""
+
+    code = "no_previous_version"

@@ -1,0 +1,252 @@
+"""The service behind the handlers: loading, periodic snapshots, model swaps and rollbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import kernels
+from server import rollout
+from server.access import Guard, InFlight, RateLimiter
+from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
+from server.batcher import MicroBatcher
+from server.config import Config, ServerConfig
+from server.errors import (
+    ArtifactError,
+    ConfigError,
+    InvalidRequestError,
+    NoPreviousVersionError,
+    NotReadyError,
+    SignedrecError,
+)
+from server.index import set_cpu_threads
+from server.metrics import CacheCollector, Metrics
+from server.state import ItemSide, LiveState, Recommendation
+from server.wire import ModelOut, ModelVersion
+
+log = logging.getLogger("signedrec.service")
+
+
+class Service:
+    """What the handlers need: the live state once loaded, the batcher, the metrics."""
+
+    def __init__(self, artifact: Path, state_dir: Path, config: Config) -> None:
+        self.artifact = artifact
+        self.state_dir = state_dir
+        self.config = config
+        self.metrics = Metrics()
+        self.metrics.since_snapshot.set_function(
+            lambda: 0 if self.state is None else self.state.since_snapshot
+        )
+        self.metrics.registry.register(CacheCollector(lambda: self.state))
+        self.guard = Guard(config.access)
+        self.limiter = RateLimiter(config.limits)
+        self.inflight = InFlight(config.limits)
+        self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
+        self.previous: list[str] = []  # the rollback stack, oldest first
+        self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
+        self.swapping = asyncio.Lock()
+        self.snapshotting: asyncio.Task[bool] | None = None
+        self.stopping = False  # set on shutdown: a snapshot being copied gives way to close()
+        self.snapshot_failures = 0  # failed writes in a row: the next try backs off
+        self.snapshot_retry_at = 0.0  # time.monotonic() before which no snapshot is started
+        self.state: LiveState | None = None
+        self.batcher: MicroBatcher[Recommendation] | None = None
+        self.loading: asyncio.Task[None] | None = None
+        self.load_error: BaseException | None = None
+        # Called once if loading fails; `serve` sets it to stop the server, so a process that
+        # cannot serve exits (and says why) instead of answering 503 forever.
+        self.on_load_failure: Callable[[], None] | None = None
+
+    def load(self) -> LiveState:
+        """Load artifact, warm kernels, replay the log (blocking; runs off the event loop)."""
+        # Which version to load first: a wrong --artifact fails here, before any kernel compiles.
+        path, choice = rollout.choose(self.artifact, self.state_dir)
+        self.pinned, self.previous = choice.pinned, list(choice.previous)
+        try:
+            kernels.select_backend(self.config.kernels.backend)
+        except (RuntimeError, ValueError) as exc:  # e.g. cuda requested on a host without one
+            raise ConfigError(f"kernels.backend: {exc}") from None
+        kernels.warmup()
+        paused = self.config.server.gc_off_while_loading and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            state = LiveState(path, self.state_dir, self.config)
+            state.open_log()
+        finally:
+            if paused:
+                gc.enable()  # start() then collects once and freezes (tune_gc)
+        return state
+
+    async def start(self) -> None:
+        """Load in a worker thread so /healthz answers while the log replays."""
+        set_cpu_threads(self.config.index.cpu_threads)  # searches run on this (the loop) thread
+        state = await asyncio.to_thread(self.load)
+        if state.log is not None:
+            state.log.on_commit = lambda seconds, _n: self.metrics.fsync.observe(seconds)
+        self.batcher = MicroBatcher(state.recommend_many, on_batch=self.metrics.batch.observe)
+        self.metrics.index_size.set(state.item_side.n_items)
+        self.metrics.model.labels(state.item_side.version).set(1)
+        self.metrics.events.inc(state.events_applied)
+        # A long replay is snapshotted once serving, paced like a periodic one, so the next
+        # start is quick and this one's ready is not delayed.
+        self.maybe_snapshot(state)
+        self.state = state
+        tune_gc(self.config.server)
+        log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
+
+    def maybe_snapshot(self, state: LiveState) -> None:
+        """Start a paced snapshot once enough events await one, unless one is under way or a
+        failed write's back-off has not run out."""
+        if (
+            state.since_snapshot >= self.config.log.snapshot_every_events
+            and (self.snapshotting is None or self.snapshotting.done())
+            and time.monotonic() >= self.snapshot_retry_at
+        ):
+            self.snapshotting = asyncio.create_task(self.snapshot(state))
+
+    async def snapshot(self, state: LiveState) -> bool:
+        """Copy the state in steps between requests, then encode and write it in a thread."""
+        started_at = time.perf_counter()
+        capture = state.begin_snapshot()
+        share = self.config.log.snapshot_loop_share
+        try:
+            while True:
+                if self.stopping:  # close() writes a final snapshot in one go
+                    state.abandon_snapshot("shutting down")
+                if capture.abandoned:  # or a model swap: it would mix two models' vectors
+                    self.metrics.snapshots.labels("abandoned").inc()
+                    return False
+                started = time.perf_counter()
+                if capture.step(self.config.log.snapshot_step):
+                    break
+                # Paced: a request needs several loop turns, and sleep(0) gives it only one
+                # per step; idling in proportion lets requests through between steps.
+                await asyncio.sleep((time.perf_counter() - started) * (1.0 - share) / share)
+        finally:
+            state.end_snapshot(capture)
+        written = await asyncio.to_thread(state.save_snapshot, capture.result())
+        self.metrics.snapshots.labels("written" if written else "failed").inc()
+        if written:
+            self.metrics.snapshot_seconds.observe(time.perf_counter() - started_at)
+            self.snapshot_failures, self.snapshot_retry_at = 0, 0.0
+        else:
+            state.snapshot_failed(capture)
+            config = self.config.log
+            wait = min(config.snapshot_retry_seconds * 2.0**self.snapshot_failures,
+                       config.snapshot_retry_max_seconds)  # fmt: skip
+            self.snapshot_failures += 1
+            self.snapshot_retry_at = time.monotonic() + wait
+            log.warning("next snapshot try in %.0f s at the earliest (%d failed in a row)",
+                        wait, self.snapshot_failures)  # fmt: skip
+        return written
+
+    def loaded(self, task: asyncio.Task[None]) -> None:
+        """Done-callback of the loading task: a failure is logged with its cause, then reported."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.load_error = exc
+        if isinstance(exc, SignedrecError):
+            log.error("failed to load: %s", exc.message)
+        else:
+            log.error("failed to load", exc_info=exc)
+        if self.on_load_failure is not None:
+            self.on_load_failure()
+
+    async def switch(self, version: str | None, rollback: bool = False) -> None:
+        """Load a version off the event loop, then swap it in; the old one serves until then."""
+        state = self.live()
+        async with self.swapping:
+            current = state.item_side.version
+            if rollback:
+                if not self.previous:
+                    raise NoPreviousVersionError("no previous model version to roll back to")
+                version = self.previous[-1]
+            if version is not None and (Path(version).name != version or version.startswith(".")):
+                raise InvalidRequestError(
+                    f"version {version!r} is not a version name", {"field": "version"}
+                )
+            # Only names that exist on disk reach the filesystem: an arbitrary name (too long, odd
+            # bytes) must be a clean "no such version", not an OSError from a path lookup.
+            if version is not None and version not in list_versions(self.root):
+                raise ArtifactError(f"no artifact version {version!r} under {self.root}")
+            path = resolve(self.root) if version is None else self.root / version
+            if path.name == current:
+                if not rollback and version != self.pinned:
+                    self.pinned = version  # "reload the newest" unpins even when it is active
+                    await self._save_rollout()
+                return
+            side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
+            # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
+            # tracked and those users refolded when the new side goes live.
+            plan = state.begin_swap(side)
+            try:
+                vectors = await asyncio.to_thread(state.build_swap, plan)
+            except BaseException:
+                state.abort_swap()
+                raise
+            state.finish_swap(plan, vectors)
+            if rollback:
+                self.previous.pop()
+            else:
+                self.previous.append(current)
+            self.pinned = version
+            await self._save_rollout()
+            self.metrics.model.clear()
+            self.metrics.model.labels(side.version).set(1)
+
+    async def _save_rollout(self) -> None:
+        """Persist the pinned version and rollback stack; a failure only costs them on restart."""
+        choice = rollout.Rollout(pinned=self.pinned, previous=tuple(self.previous))
+        try:
+            await asyncio.to_thread(rollout.write, self.state_dir, choice)
+        except OSError as exc:
+            log.warning("model choice not saved (a restart serves the newest version): %s", exc)
+
+    def describe(self) -> ModelOut:
+        """The active version, the one rollback would restore, and every version on disk."""
+        state = self.live()
+        versions = []
+        for version in list_versions(self.root):
+            try:
+                manifest = read_manifest(self.root / version)
+            except ArtifactError:
+                continue
+            metrics = manifest.get("metrics", {}).get("test") or manifest.get("metrics", {}).get(
+                "valid", {}
+            )
+            versions.append(
+                ModelVersion(
+                    version=version,
+                    active=version == state.item_side.version,
+                    created_at=manifest.get("created_at"),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            )
+        return ModelOut(
+            active=state.item_side.version,
+            previous=self.previous[-1] if self.previous else None,
+            versions=versions,
+        )
+
+    def live(self) -> LiveState:
+        """The state, or NotReadyError while loading."""
+        if self.state is None:
+            raise NotReadyError("the service is still loading its model or replaying its log")
+        return self.state
+
+
+def tune_gc(config: ServerConfig) -> None:
+    """Freeze what loading built and space out young collections (see ServerConfig)."""
+    if config.gc_freeze_after_load:
+        gc.collect()
+        gc.freeze()
+    if config.gc_threshold0 > 0:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(config.gc_threshold0, gen1, gen2)
