@@ -239,28 +239,23 @@ def served_metrics(artifact: Path, data: Path, threshold: float) -> dict[str, An
     user's dislikes by the strength training chose, which costs some NDCG: both are reported.
     """
     from server.artifacts import load_artifact
-    from server.config import ModelConfig
     from server.data import load_dataset
     from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
     from server.graph import build_graph
-    from server.train import served_scores
+    from server.train import artifact_served_scores
 
     loaded = load_artifact(artifact)
     ds = load_dataset(data, threshold)
     graph = build_graph(ds.train, threshold, ds.n_users, ds.n_items)
     ranking = loaded.manifest["ranking"]
-    gamma = float(ranking["suppression_gamma"])
-    beta = float(ranking.get("propensity_beta", 0.0))  # older artifacts: none
-    prior = float(ranking.get("propensity_prior", ModelConfig().propensity_prior))
-    score = served_scores(loaded.arrays["item_table"], loaded.arrays["item_vectors"], graph,
-                          loaded.neg_weight, gamma, beta, prior)  # fmt: skip
+    score = artifact_served_scores(loaded, graph)
     masked = interaction_matrix(ds.train.users, ds.train.items, ds.n_users, ds.n_items)
     if ds.test is None:
         raise SystemExit(f"{data}: needs test.txt")
     truth = ground_truth(ds.test, threshold, ds.n_users, ds.n_items)
     return {
-        "suppression_gamma": gamma,
-        "propensity_beta": beta,
+        "suppression_gamma": float(ranking["suppression_gamma"]),
+        "propensity_beta": float(ranking.get("propensity_beta", 0.0)),
         "metrics": evaluate_scores(score, truth, masked),
     }
 

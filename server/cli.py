@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from server.errors import SignedrecError
 
@@ -62,7 +63,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
     masked = interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users, n_items)
     truth = ground_truth(split, threshold, dataset.n_users, n_items)
-    metrics = evaluate_scores(lambda u: (z[u] @ table) @ vectors.T, truth, masked)
+
+    def model_scores(users: np.ndarray) -> np.ndarray:
+        return (z[users] @ table) @ vectors.T
+
+    score = model_scores
+    if args.served:  # torch comes with the trainer: imported only when asked for
+        from server.train import artifact_served_scores
+
+        score = artifact_served_scores(artifact, graph)
+    metrics = evaluate_scores(score, truth, masked)
     result = {k: v for k, v in metrics.items() if not k.startswith(("hitrate", "mrr"))}
     result["users"] = int(metrics["users"])
     extras = {k: v for k, v in metrics.items() if k.startswith(("hitrate", "mrr"))}
@@ -137,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--threshold", type=float, default=None, help="default: the artifact's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--served", action="store_true",
+        help="rank as the server does: with the artifact's dislike suppression and propensity",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("versions", help="list artifact versions under a root")

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.artifacts import save_artifact
+from server.artifacts import Artifact, save_artifact
 from server.config import Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.evaluate import (
@@ -204,6 +204,18 @@ def served_scores(
         return scores
 
     return score
+
+
+def artifact_served_scores(
+    artifact: Artifact, graph: SignedGraph
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`served_scores` with the ranking settings an artifact's training chose."""
+    ranking = artifact.manifest["ranking"]
+    beta = float(ranking.get("propensity_beta", 0.0))  # older artifacts: none
+    prior = float(ranking.get("propensity_prior", ModelConfig().propensity_prior))
+    arrays = artifact.arrays
+    return served_scores(arrays["item_table"], arrays["item_vectors"], graph, artifact.neg_weight,
+                         float(ranking["suppression_gamma"]), beta, prior)  # fmt: skip
 
 
 def normalise_rows(scores: np.ndarray) -> np.ndarray:

@@ -164,6 +164,19 @@ def test_cli_train_then_evaluate_json(tiny_dataset: TinyDataset, tmp_path: Path)
         assert 0.0 <= result[key] <= 1.0
         assert result[key] == pytest.approx(manifest["metrics"]["test"][key], abs=1e-6)
     assert result["recall@20"] > 0.5
+    # --served ranks as the server does (the suppression and propensity training chose): on
+    # valid that is the propensity search's row for the chosen beta, recorded in the manifest.
+    served = subprocess.run(
+        [sys.executable, "-m", "server.cli", "evaluate", "--artifact", str(root),
+         "--data", str(tiny_dataset.path), "--split", "valid", "--served", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert served.returncode == 0, served.stderr
+    ranking = manifest["ranking"]
+    (chosen,) = [r for r in ranking["propensity_valid"] if r["beta"] == ranking["propensity_beta"]]
+    served_result = json.loads(served.stdout)
+    for key in expected:
+        assert served_result[key] == pytest.approx(chosen[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize("neg_weight", [0.5, -0.25])
