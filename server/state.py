@@ -414,6 +414,9 @@ class LiveState:
         except OSError as exc:
             log.warning("snapshot at seq %d not written: %s", snap.seq, exc)
             return False
+        except Exception:  # a bug, not the disk: loud, but the log still has every event
+            log.exception("snapshot at seq %d not written", snap.seq)
+            return False
         log.info("snapshot written at seq %d", snap.seq)
         return True
 
