@@ -1,5 +1,6 @@
 # signedrec: the main job (train the embedded default model if absent, then serve it).
-# Build: docker build -t signedrec .    Run: docker run -p 8000:8000 signedrec
+# Build: docker build -t signedrec .
+# Run:   docker run -p 8000:8000 -v signedrec-state:/data signedrec
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +20,13 @@ COPY --chown=signedrec:signedrec loadtest ./loadtest
 COPY --chown=signedrec:signedrec model_artifacts ./model_artifacts
 RUN pip install torch==2.13.0 -e .
 
-# Runs unprivileged; build-default writes under /app/model_artifacts, state goes to ~/.local.
+# The event log and snapshots live in /data: mount a volume there, or every accepted event is
+# gone with the container (docker run -v signedrec-state:/data ...).
+RUN mkdir /data && chown signedrec:signedrec /data
+ENV SIGNEDREC_SERVER__STATE_DIR=/data
+VOLUME /data
+
+# Runs unprivileged; build-default writes under /app/model_artifacts (a no-op: the default ships).
 USER signedrec
 EXPOSE 8000
 CMD ["sh", "-c", "signedrec build-default && signedrec serve --host 0.0.0.0"]
