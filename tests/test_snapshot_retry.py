@@ -54,6 +54,8 @@ def test_back_off_doubles_to_its_cap_and_a_success_resets_it(
         return real_write(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(snapshot, "write", write)
+    # A served process freezes the collector after loading; this one is the test session.
+    monkeypatch.setattr("server.service.tune_gc", lambda _config: None)
 
     async def scenario() -> None:
         nonlocal broken
