@@ -29,27 +29,24 @@ Writes ``benchmarks/reports/basemodel.{md,json,png}``; progress goes to stderr.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from benchmarks.neghit import meets, references
-from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair
+from benchmarks.neghit import corner, meets, run_report
+from benchmarks.quality import report_header
 from server.config import Hyper, ModelConfig
 from server.data import load_dataset
 from server.evaluate import Truth, evaluate_variants, ground_truth, interaction_matrix
 from server.graph import SignedGraph, build_graph
 from server.model import SignedGraphModel
-from server.train import fit, pin_malloc_threshold, set_threads
+from server.train import fit
 
 POPULARITY = (-0.15, 0.15)
 USER_WEIGHT = (0.25, 0.5)
@@ -263,12 +260,13 @@ def variants_of(data: Path, threshold: float, config: ModelConfig) -> dict[str, 
 def markdown(record: dict[str, Any]) -> str:
     """The report: one table per dataset, sorted by test NDCG@20."""
     lines = [
-        "# Base-model variants against the NegHit / NDCG corner of issue 3",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Machine: {record['machine']}; load at start {record['load_start']}  ",
-        f"Code: {record['git']}",
-        "",
+        *report_header(
+            "Base-model variants against the NegHit / NDCG corner of issue 3",
+            record["command"],
+            record["machine"],
+            record["load_start"],
+            record["git"],
+        ),
         "``benchmarks.neghit``"
         + (__doc__ or "").split("``benchmarks.neghit``", 1)[1].split("Writes ``")[0].rstrip(),
         "",
@@ -323,17 +321,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
                        [r["test"]["ndcg@20"] for r in rows], label=family,
                        marker="*" if family == "selected" else "o",
                        s=160 if family == "selected" else 30)  # fmt: skip
-        ref = ds["reference"]
-        if "ease_ndcg" in ref:
-            ax.axhline(ref["ease_ndcg"], ls="--", color="grey", label="EASE NDCG@20")
-        if "sigformer_ndcg" in ref:
-            ax.axhline(ref["sigformer_ndcg"], ls=":", color="grey", label="SIGformer NDCG@20")
-        if "lightgcn_neghit" in ref:
-            ax.axvline(ref["lightgcn_neghit"], ls="--", color="red", label="LightGCN NegHit@20")
-        ax.set_xlabel("test NegHit@20 (lower is better)")
-        ax.set_ylabel("test NDCG@20")
-        ax.set_title(f"{name}: the bars' corner is top-left of both dashed lines")
-        ax.legend(fontsize=7)
+        corner(ax, name, ds["reference"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -341,37 +329,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Score the variants on every dataset given and write the reports."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.basemodel", description=__doc__)
-    p.add_argument("--data", nargs="+", type=parse_pair, required=True, help="DIR:THRESHOLD")
-    p.add_argument("--out", type=Path, default=REPORTS, help="report directory")
-    args = p.parse_args(argv)
-    pin_malloc_threshold()
-    set_threads()
-    torch.manual_seed(0)
-    record: dict[str, Any] = {
-        "command": "python -m benchmarks.basemodel "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(),
-        "load_start": load_avg(),
-        "git": git_state(),
-        "config": msgspec.to_builtins(ModelConfig()),
-        "datasets": {},
-    }
-    # The committed quality report, unless the output directory holds its own.
-    own = args.out / "quality.json"
-    refs = references(own if own.is_file() else REPORTS / "quality.json")
-    for data, threshold in args.data:
-        name = data.resolve().name
-        progress(f"{name}: searching hyper-parameters as signedrec train does")
-        result = variants_of(data, threshold, ModelConfig())
-        result["reference"] = refs.get(name, {})
-        record["datasets"][name] = result
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "basemodel.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "basemodel.md").write_text(markdown(record))
-    plot(record, args.out / "basemodel.png")
-    progress(f"wrote {args.out / 'basemodel.md'}")
-    return 0
+    return run_report("basemodel", argv, variants_of, markdown, plot)
 
 
 if __name__ == "__main__":

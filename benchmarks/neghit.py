@@ -46,7 +46,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair
+from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair, report_header
 from server.config import ModelConfig
 from server.data import load_dataset
 from server.evaluate import KS, Truth, evaluate_variants, ground_truth, interaction_matrix, top_k
@@ -365,12 +365,13 @@ def meets(row: dict[str, Any], ref: dict[str, float]) -> bool | None:
 def markdown(record: dict[str, Any]) -> str:
     """The report: one table per dataset, best NDCG first."""
     lines = [
-        "# NegHit trade-off: dislike avoidance against NDCG",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Machine: {record['machine']}; load at start {record['load_start']}  ",
-        f"Code: {record['git']}",
-        "",
+        *report_header(
+            "NegHit trade-off: dislike avoidance against NDCG",
+            record["command"],
+            record["machine"],
+            record["load_start"],
+            record["git"],
+        ),
         "Scores come from the unfactorised operator of the model `signedrec train` selects; "
         "`served` is the factorised model as shipped (with `suppression g`: minus g times the "
         "largest cosine to the user's train dislikes, as served). `t` is the autoencoder's "
@@ -429,6 +430,20 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def corner(ax: Any, name: str, ref: dict[str, float]) -> None:
+    """The bars as lines on a test NegHit@20 x NDCG@20 plot, with its labels and legend."""
+    if "ease_ndcg" in ref:
+        ax.axhline(ref["ease_ndcg"], ls="--", color="grey", label="EASE NDCG@20")
+    if "sigformer_ndcg" in ref:
+        ax.axhline(ref["sigformer_ndcg"], ls=":", color="grey", label="SIGformer NDCG@20")
+    if "lightgcn_neghit" in ref:
+        ax.axvline(ref["lightgcn_neghit"], ls="--", color="red", label="LightGCN NegHit@20")
+    ax.set_xlabel("test NegHit@20 (lower is better)")
+    ax.set_ylabel("test NDCG@20")
+    ax.set_title(f"{name}: the bars' corner is top-left of both dashed lines")
+    ax.legend(fontsize=7)
+
+
 def plot(record: dict[str, Any], path: Path) -> None:
     """Test NDCG@20 against NegHit@20 per variant, with the reference lines."""
     import matplotlib
@@ -462,25 +477,22 @@ def plot(record: dict[str, Any], path: Path) -> None:
         for r in served:
             ax.annotate(f"g={r.get('gamma', 0):g}", (r["test"]["neghit@20"], r["test"]["ndcg@20"]),
                         fontsize=7, xytext=(4, 4), textcoords="offset points")  # fmt: skip
-        ref = ds["reference"]
-        if "ease_ndcg" in ref:
-            ax.axhline(ref["ease_ndcg"], ls="--", color="grey", label="EASE NDCG@20")
-        if "sigformer_ndcg" in ref:
-            ax.axhline(ref["sigformer_ndcg"], ls=":", color="grey", label="SIGformer NDCG@20")
-        if "lightgcn_neghit" in ref:
-            ax.axvline(ref["lightgcn_neghit"], ls="--", color="red", label="LightGCN NegHit@20")
-        ax.set_xlabel("test NegHit@20 (lower is better)")
-        ax.set_ylabel("test NDCG@20")
-        ax.set_title(f"{name}: the bars' corner is top-left of both dashed lines")
-        ax.legend(fontsize=7)
+        corner(ax, name, ds["reference"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the frontier on every dataset given and write the reports."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.neghit", description=__doc__)
+def run_report(
+    name: str,
+    argv: list[str] | None,
+    per_dataset: Callable[[Path, float, ModelConfig], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> int:
+    """Parse ``--data``/``--out``, run ``per_dataset`` on each dataset, write NAME.{json,md,png}."""
+    module = sys.modules[per_dataset.__module__]
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=module.__doc__)
     p.add_argument("--data", nargs="+", type=parse_pair, required=True, help="DIR:THRESHOLD")
     p.add_argument("--out", type=Path, default=REPORTS, help="report directory")
     args = p.parse_args(argv)
@@ -488,26 +500,34 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     torch.manual_seed(0)
     record: dict[str, Any] = {
-        "command": "python -m benchmarks.neghit "
+        "command": f"python -m benchmarks.{name} "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "load_start": load_avg(),
         "git": git_state(),
         "datasets": {},
     }
-    refs = references(args.out / "quality.json")
+    # The output directory's quality report, else the committed one.
+    own = args.out / "quality.json"
+    refs = references(own if own.is_file() else REPORTS / "quality.json")
     for data, threshold in args.data:
-        name = data.resolve().name
-        progress(f"{name}: searching hyper-parameters as signedrec train does")
-        result = frontier(data, threshold, ModelConfig())
-        result["reference"] = refs.get(name, {})
-        record["datasets"][name] = result
+        dataset = data.resolve().name
+        print(f"[{name}] {dataset}: searching hyper-parameters as signedrec train does",
+              file=sys.stderr, flush=True)  # fmt: skip
+        result = per_dataset(data, threshold, ModelConfig())
+        result["reference"] = refs.get(dataset, {})
+        record["datasets"][dataset] = result
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "neghit.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "neghit.md").write_text(markdown(record))
-    plot(record, args.out / "neghit.png")
-    progress(f"wrote {args.out / 'neghit.md'}")
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(record))
+    plot(record, args.out / f"{name}.png")
+    print(f"[{name}] wrote {args.out / name}.md", file=sys.stderr, flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the frontier on every dataset given and write the reports."""
+    return run_report("neghit", argv, frontier, markdown, plot)
 
 
 if __name__ == "__main__":

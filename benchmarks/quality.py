@@ -573,6 +573,18 @@ def load_avg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def report_header(title: str, command: str, machine: str, load_start: str, code: str) -> list[str]:
+    """A report's first lines: its title, the command that regenerates it, machine, load, code."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}; load at start {load_start}  ",
+        f"Code: {code}",
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --worker, one baseline) and write the reports."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)

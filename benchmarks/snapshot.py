@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.quality import REPORTS, git_state, load_avg, machine
+from benchmarks.quality import REPORTS, git_state, load_avg, machine, report_header
 from server.artifacts import load_artifact, resolve
 from server.cli import DEFAULT_ARTIFACTS
 from server.launch import ServeProcess
@@ -158,12 +158,13 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "snapshot.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "# Periodic snapshot: how long it stalls requests",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; load at start {result['load_start']}  ",
-        f"Code: {result['code']}",
-        "",
+        *report_header(
+            "Periodic snapshot: how long it stalls requests",
+            result["command"],
+            result["machine"],
+            result["load_start"],
+            result["code"],
+        ),
         "The real server on the embedded default, `log.snapshot_every_events = N`; N - 2,000 "
         f"events loaded over HTTP on {USERS:,} users, then one reader (GETs back to back) and a "
         f"writer posting {POST} events every {POST_EVERY_S * 1e3:.0f} ms, which crosses N. "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality import REPORTS, git_state, load_avg, machine
+from benchmarks.quality import REPORTS, git_state, load_avg, machine, report_header
 from server.artifacts import load_artifact, resolve
 from server.config import load_config
 from server.events import EventRecord
@@ -111,12 +111,13 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     (out / "swap.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
     lines = [
-        "# Model swap: time the event loop is blocked",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; load at start {result['load_start']}  ",
-        f"Code: {result['code']}",
-        "",
+        *report_header(
+            "Model swap: time the event loop is blocked",
+            result["command"],
+            result["machine"],
+            result["load_start"],
+            result["code"],
+        ),
         "A reload rebuilds every user's vector under the new model in a worker thread. The event "
         "loop only copies the online graphs (begin) and, at the end, refolds the users who posted "
         "during the build and swaps the arrays in (finish). Whole rebuild: the same work done on "
