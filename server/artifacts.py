@@ -59,6 +59,11 @@ class Artifact:
         return float(self.manifest["dataset"]["threshold"])
 
     @property
+    def catalogue_fingerprint(self) -> str:
+        """Digest of the item ids (their file's verified checksum): what item indices mean."""
+        return str(self.manifest["files"]["item_ids.npy"]["sha256"])
+
+    @property
     def graph_fingerprint(self) -> str:
         """Digest of the user ids and trained signed graph (from the verified file checksums)."""
         files = self.manifest["files"]

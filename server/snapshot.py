@@ -6,10 +6,12 @@ ids in msgpack chunks (arrays). Users' feedback is encoded as it is copied (``Fe
 bytes are invisible to the garbage collector, so copying a large state allocates no lasting
 containers that would set off full collections, and the writer thread only frames and writes
 (short holds of the GIL, so the event loop keeps answering). The file is written to a temp
-file, fsync'd and renamed. A snapshot is only trusted for the artifact version it was
-taken under and the users and trained graph the state was built on (after a live swap to a
-version trained on another graph, the state keeps the graph it started on); anything else
-(another version or graph, a bad checksum, an unreadable file) is reported and ignored, and the
+file, fsync'd and renamed. A snapshot is only trusted for the users and trained graph the state
+was built on (after a live swap to a version trained on another graph, the state keeps the graph
+it started on) and the item catalogue: under the version it was taken under it is restored as
+is; under another version of the same graph and catalogue (a crash after a live swap, then a
+restart on the other version) its feedback is restored and the vectors refolded. Anything else
+(another graph or catalogue, a bad checksum, an unreadable file) is reported and ignored, and the
 full log is replayed. Log segments are never deleted on the strength of a snapshot, so a lost
 snapshot never loses data.
 """
@@ -62,6 +64,9 @@ class Head(msgspec.Struct, array_like=True):
     graph: str
     feedback_chunks: int
     id_chunks: int
+    # Artifact.catalogue_fingerprint of the item ids ("" in files written before it existed:
+    # those are trusted for their own version only).
+    items: str = ""
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -90,6 +95,7 @@ class Snapshot:
     feedback: list[bytes | memoryview]  # msgpack arrays of UserSnapshot (FeedbackChunks)
     event_ids: list[str]  # the dedup window, oldest first
     graph: str
+    items: str = ""
 
     def user_feedback(self) -> Iterator[UserSnapshot]:
         """Every user's feedback, decoded a chunk at a time."""
@@ -128,7 +134,7 @@ def _frames(snap: Snapshot, chunk: int) -> Iterator[bytes | memoryview]:
     """The file's pieces, encoded one chunk at a time (each a short hold of the GIL)."""
     starts = range(0, len(snap.event_ids), chunk)
     head = Head(snap.artifact_version, snap.seq, snap.users, snap.vectors.shape[1], snap.graph,
-                len(snap.feedback), len(starts))  # fmt: skip
+                len(snap.feedback), len(starts), snap.items)  # fmt: skip
     array = np.ascontiguousarray(snap.vectors, dtype=np.float32)
     vectors = memoryview(array).cast("B") if array.size else b""  # no byte view of 0 rows
     encoded = (_ENCODER.encode(snap.event_ids[i : i + chunk]) for i in starts)  # one at a time
@@ -175,11 +181,12 @@ def _parse(data: memoryview) -> Snapshot:
     for frame in frames[split:]:
         ids.extend(_IDS.decode(frame))
     return Snapshot(head.artifact_version, head.seq, head.users, vectors, feedback, ids,
-                    head.graph)  # fmt: skip
+                    head.graph, head.items)  # fmt: skip
 
 
-def read(directory: Path, artifact_version: str, graph: str) -> Snapshot | None:
-    """The snapshot for this artifact version on this graph, or None (with the reason logged)."""
+def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snapshot | None:
+    """The snapshot for this graph, under this version or another with the same item catalogue
+    ``items`` (the caller refolds the vectors then), or None with the reason logged."""
     path = directory / FILE
     if not path.is_file():
         return None
@@ -202,15 +209,19 @@ def read(directory: Path, artifact_version: str, graph: str) -> Snapshot | None:
     except (ValueError, msgspec.DecodeError) as exc:
         log.warning("ignoring snapshot %s: %s", path, exc)
         return None
-    if snap.artifact_version != artifact_version or snap.graph != graph:
+    same_catalogue = snap.artifact_version == artifact_version or (
+        snap.items and snap.items == items
+    )
+    if snap.graph != graph or not same_catalogue:
         log.info(
-            "snapshot %s was taken under model %s (graph %s), serving %s (graph %s): "
+            "snapshot %s was taken under model %s (graph %s), serving %s (graph %s)%s: "
             "replaying the log instead",
             path,
             snap.artifact_version,
             snap.graph[:12],
             artifact_version,
             graph[:12],
+            "" if same_catalogue else " with another item catalogue",
         )
         return None
     return snap

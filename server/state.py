@@ -129,6 +129,7 @@ class SnapshotCapture:
         self.n = n = len(state.users)
         self.state = state
         self.version, self.seq, self.graph = state.item_side.version, state.applied_seq, state.graph
+        self.catalogue = state.catalogue
         self.since = state.since_snapshot  # events counted towards this snapshot
         self.abandoned = False
         self.users = state.users.external(np.arange(n))
@@ -198,7 +199,8 @@ class SnapshotCapture:
     def result(self) -> snapshot.Snapshot:
         """The finished snapshot (after :meth:`step` returned True)."""
         return snapshot.Snapshot(self.version, self.seq, self.users, self.vectors,
-                                 self.feedback.finish(), self.live_ids, self.graph)  # fmt: skip
+                                 self.feedback.finish(), self.live_ids, self.graph,
+                                 self.catalogue)  # fmt: skip
 
 
 def _fold_graphs(
@@ -237,6 +239,7 @@ class LiveState:
         # snapshots name both (the graph by Artifact.graph_fingerprint).
         self.base_version = artifact.version
         self.graph = artifact.graph_fingerprint
+        self.catalogue = artifact.catalogue_fingerprint  # a swap requires the same one
         self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
         self.n_trained_users = len(self._pos_indptr) - 1
@@ -348,7 +351,7 @@ class LiveState:
         self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
         after = int(self.item_side.artifact.manifest.get("watermark", 0))
         started = time.perf_counter()
-        snap = snapshot.read(self.state_dir, self.item_side.version, self.graph)
+        snap = snapshot.read(self.state_dir, self.item_side.version, self.graph, self.catalogue)
         if snap is not None and snap.seq <= report.last_seq:
             self.restore(snap)
             after = max(after, snap.seq)
@@ -421,12 +424,12 @@ class LiveState:
         return True
 
     def restore(self, snap: snapshot.Snapshot) -> None:
-        """Load a snapshot taken under the same artifact version."""
+        """Load a snapshot of this graph: its vectors as they are when it was taken under the
+        version served now, else every user refolded from its feedback under this version."""
         for external in snap.users[len(self.users) :]:
             self.users.add(external)
-        n, dim = snap.vectors.shape
-        self.vectors = np.zeros((max(16, n * 2), dim), np.float32)
-        self.vectors[:n] = snap.vectors
+        n = len(snap.users)
+        self.vectors = np.zeros((max(16, n * 2), self.item_side.dim), np.float32)
         maxlen = self.config.server.history_max_limit
         for u in snap.user_feedback():
             self.feedback[u.user] = UserFeedback(
@@ -434,6 +437,14 @@ class LiveState:
                 recent_negative=dict.fromkeys(u.negatives),
                 history=deque((tuple(row) for row in u.history), maxlen=maxlen),
             )
+        if snap.artifact_version == self.item_side.version:
+            self.vectors[:n] = snap.vectors
+        else:
+            self._fold_trained(self.item_side, self.vectors)
+            _fold_graphs(self.item_side, self.vectors,
+                         {user: f.strength for user, f in self.feedback.items()})  # fmt: skip
+            log.info("snapshot taken under model %s: %d users refolded under %s",
+                     snap.artifact_version, n, self.item_side.version)  # fmt: skip
         self.event_ids = RecentIds(self.config.log.dedup_window, snap.event_ids)
         self.applied_seq = snap.seq
         self.cache.clear()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server import snapshot
 
-VERSION, GRAPH = "v1", "g" * 64
+VERSION, GRAPH, ITEMS = "v1", "g" * 64, "i" * 64
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # UTF-8 encodable
 
 history_rows = st.tuples(
@@ -36,7 +37,7 @@ def _snapshot(n_users: int, dim: int, feedback: list[snapshot.UserSnapshot], ids
         chunks.add(user)
     vectors = np.arange(n_users * dim, dtype=np.float32).reshape(n_users, dim) / 7
     return snapshot.Snapshot(VERSION, 42, [f"u{i}" for i in range(n_users)], vectors,
-                             chunks.finish(), ids, GRAPH)  # fmt: skip
+                             chunks.finish(), ids, GRAPH, ITEMS)  # fmt: skip
 
 
 @settings(max_examples=60, deadline=None)
@@ -52,7 +53,7 @@ def test_a_written_snapshot_reads_back_exactly(
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         snapshot.write(Path(tmp), _snapshot(n_users, dim, feedback, ids, size), chunk=size)
-        back = snapshot.read(Path(tmp), VERSION, GRAPH)
+        back = snapshot.read(Path(tmp), VERSION, GRAPH, ITEMS)
     assert back is not None
     assert back.seq == 42
     assert back.users == [f"u{i}" for i in range(n_users)]
@@ -68,7 +69,7 @@ def test_a_large_chunk_uses_the_array_32_header() -> None:
              for i in range(70_000)]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         snapshot.write(Path(tmp), _snapshot(2, 3, users, ["a"], 70_000), 70_000)
-        back = snapshot.read(Path(tmp), VERSION, GRAPH)
+        back = snapshot.read(Path(tmp), VERSION, GRAPH, ITEMS)
     assert back is not None
     assert [u.user for u in back.user_feedback()] == list(range(70_000))
 
@@ -86,13 +87,30 @@ def test_any_damaged_byte_makes_the_snapshot_ignored(position: float, flip: int)
         data = bytearray(path.read_bytes())
         data[int(position * len(data))] ^= flip
         path.write_bytes(bytes(data))
-        assert snapshot.read(Path(tmp), VERSION, GRAPH) is None
+        assert snapshot.read(Path(tmp), VERSION, GRAPH, ITEMS) is None
         path.write_bytes(bytes(data[: int(position * len(data))]))
-        assert snapshot.read(Path(tmp), VERSION, GRAPH) is None
+        assert snapshot.read(Path(tmp), VERSION, GRAPH, ITEMS) is None
 
 
-def test_another_version_or_graph_is_not_restored(tmp_path: Path) -> None:
+def test_another_graph_or_catalogue_is_not_restored(tmp_path: Path) -> None:
+    """Another version of the same graph and item catalogue may restore it (refolding the
+    vectors); another graph never; another catalogue only under the version it was taken under."""
     snapshot.write(tmp_path, _snapshot(2, 2, [], [], 1), 1)
-    assert snapshot.read(tmp_path, VERSION, GRAPH) is not None
-    assert snapshot.read(tmp_path, "v2", GRAPH) is None
-    assert snapshot.read(tmp_path, VERSION, "h" * 64) is None
+    assert snapshot.read(tmp_path, VERSION, GRAPH, ITEMS) is not None
+    assert snapshot.read(tmp_path, "v2", GRAPH, ITEMS) is not None
+    assert snapshot.read(tmp_path, "v2", GRAPH, "j" * 64) is None
+    assert snapshot.read(tmp_path, VERSION, "h" * 64, ITEMS) is None
+    assert snapshot.read(tmp_path, "v2", "h" * 64, ITEMS) is None
+
+
+def test_a_file_written_before_the_catalogue_field_serves_its_own_version_only(
+    tmp_path: Path,
+) -> None:
+    # An older head is a 7-element array: it decodes with no catalogue.
+    seven = msgspec.msgpack.encode([VERSION, 42, ["u0"], 2, GRAPH, 0, 0])
+    assert snapshot._HEAD.decode(seven).items == ""
+    old = _snapshot(2, 2, [], [], 1)
+    old.items = ""
+    snapshot.write(tmp_path, old, 1)
+    assert snapshot.read(tmp_path, VERSION, GRAPH, ITEMS) is not None
+    assert snapshot.read(tmp_path, "v2", GRAPH, ITEMS) is None

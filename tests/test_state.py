@@ -121,6 +121,48 @@ def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
     asyncio.run(restarted.close())
 
 
+def test_a_crash_after_a_swap_restores_the_older_versions_snapshot_refolded(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The snapshot on disk was taken before a live swap to another version of the same graph;
+    the restart serves the new version: feedback is restored and vectors refolded under it, only
+    the tail is replayed, and the answers are those of a full replay."""
+    first = load_artifact(tiny_artifact)
+    arrays = dict(first.arrays)
+    arrays["item_table"] = (arrays["item_table"] * 1.1).astype(np.float32)
+    arrays["item_vectors"] = (arrays["item_vectors"][:, ::-1] * 0.9).astype(np.float32)
+    second = _another_version(first, arrays, tmp_path / "root")
+    config = load_config(env={})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    early = [_new("a", "0", "3"), _new("b", "x", "4"), NewEvent("c", "1", "6", "dislike", ts=0.0)]
+    live.apply(live.log.append_sync(early))  # type: ignore[union-attr]
+    live.write_snapshot()  # under the first version, at seq 3
+    live.swap(ItemSide(load_artifact(second), config))
+    late = [_new("d", "0", "5"), NewEvent("e", "x", "3", "dislike", ts=0.0)]
+    live.apply(live.log.append_sync(late))  # type: ignore[union-attr]
+    asyncio.run(live.log.close())  # type: ignore[union-attr]  # a crash: no final snapshot
+
+    restarted = LiveState(second, tmp_path / "state", config)
+    restarted.open_log()
+    assert restarted.applied_seq == 5
+    assert restarted.events_applied == 2  # the tail after the restored seq 3, nothing more
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    shutil.copytree(tmp_path / "state" / "events", fresh_dir / "events")
+    fresh = LiveState(second, fresh_dir, config)
+    fresh.open_log()  # no snapshot: the whole log under the second version
+    assert fresh.events_applied == 5
+    users = ["0", "1", "x", "5", str(N_USERS - 1)]
+    assert _answers(restarted, users) == _answers(fresh, users)
+    np.testing.assert_allclose(restarted.vectors[[restarted.users.get(u) for u in users]],
+                               fresh.vectors[[fresh.users.get(u) for u in users]],
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    assert [e[0] for e in restarted.history("x", 5)] == ["e", "b"]
+    asyncio.run(restarted.close())
+    asyncio.run(fresh.close())
+
+
 def _random_events(rng: np.random.Generator, n: int, first: int) -> list[NewEvent]:
     """Events on trained and new users, every kind, some items repeated (strength changes)."""
     users = [str(u) for u in range(0, N_USERS, 5)] + [f"new-{u}" for u in range(4)]
