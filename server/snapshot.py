@@ -209,7 +209,7 @@ def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snap
     except (ValueError, msgspec.DecodeError) as exc:
         log.warning("ignoring snapshot %s: %s", path, exc)
         return None
-    same_catalogue = snap.artifact_version == artifact_version or (
+    same_catalogue = snap.artifact_version == artifact_version or bool(
         snap.items and snap.items == items
     )
     if snap.graph != graph or not same_catalogue:
