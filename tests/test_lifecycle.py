@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.artifacts import list_versions, load_artifact, save_artifact
-from tests.test_service import Server
+from tests.test_service import Server, _wait_for_metric
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / "model_artifacts" / "default"
@@ -278,3 +278,44 @@ def test_model_choice_survives_restarts(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert f"pinned version {ROTATED} is no longer under" in srv.log_path.read_text()
+
+
+def test_a_kill_after_a_reload_restores_the_older_versions_snapshot(tmp_path: Path) -> None:
+    """The snapshot on disk was taken before a reload; a SIGKILL before the next one leaves the
+    restart (on the reloaded, pinned version) that snapshot plus a short tail: it is restored
+    with every vector refolded under the served version, and the users' answers are as before."""
+    root = tmp_path / "artifacts"
+    default = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / default, root / default)
+    base = load_artifact(root / default)
+    save_artifact(root, _rotated_arrays(base.arrays, 2), _manifest(base.manifest, "rotated"),
+                  version=ROTATED)  # fmt: skip
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}',
+           "SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3"}  # fmt: skip
+    srv = _server(root, tmp_path / "state", env)
+    srv.client.headers.update(ADMIN)
+    early = [_event("kill-a", "10", "like"), _event("kill-b", "11", "dislike"),
+             _event("5", "12", "like")]  # fmt: skip
+    assert srv.client.post("/v1/feedback", json=early).status_code == 200
+    _wait_for_metric(srv, 'signedrec_snapshots_total{result="written"} 1.0')
+    assert _admin(srv, "reload", ROTATED).status_code == 200
+    late = [_event("kill-a", "13", "dislike"), _event("kill-c", "10", "like")]
+    assert srv.client.post("/v1/feedback", json=late).status_code == 200
+    users = ["kill-a", "kill-b", "kill-c", "5", "6"]
+    before = {u: _recs(srv, u, 20) for u in users}
+    srv.stop(signal.SIGKILL)
+
+    again = _server(root, tmp_path / "state", env)
+    try:
+        for user in users:
+            after = _recs(again, user, 20)
+            assert after["model_version"] == ROTATED
+            assert _ids(after) == _ids(before[user])
+            np.testing.assert_allclose([i["score"] for i in after["items"]],
+                                       [i["score"] for i in before[user]["items"]],
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+    finally:
+        again.stop(signal.SIGKILL)
+    log = again.log_path.read_text()
+    assert f"refolded under {ROTATED}" in log
+    assert "replayed 2 events" in log
