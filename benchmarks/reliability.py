@@ -51,6 +51,7 @@ REQUEST_TIMEOUT = 10.0
 SERVER_ENV = {"SIGNEDREC_KERNELS__BACKEND": "cpu"}
 # Older than the default version, so a plain start serves the default and reload picks this.
 ROTATED = "20000101T000000000Z"
+RELOAD_EVERY = 3  # crash cycles: every third (1, 4, 7, ...) reloads the other version mid-stream
 SOAK_WARMUP_S = 60.0
 SOAK_SAMPLE_S = 5.0
 BAR_SOAK_GROWTH_PCT = 5.0
@@ -273,12 +274,18 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
     state_dir = tmp / "crash-state"
     log_path = tmp / "crash-server.log"
     env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2000"}
+    # Two versions of one catalogue: some cycles reload the other mid-stream, so the next start
+    # (pinned to it) finds a snapshot of the previous version, restored and refolded.
+    (tmp / "crash-root").mkdir()
+    root, first = make_root(tmp / "crash-root")
+    other = {first: ROTATED, ROTATED: first}
+    serving = first
     ledger = CrashLedger()
     counter: collections.Counter[str] = collections.Counter()
     rows: list[dict[str, Any]] = []
     last_ready = 1.5
     for cycle in range(cycles):
-        server = Server(DEFAULT_ROOT, state_dir, log_path, env)
+        server = Server(root, state_dir, log_path, env)
         # Every fifth cycle kills during start-up (artifact load, snapshot restore, replay).
         during_start = cycle % 5 == 4
         row: dict[str, Any] = {"cycle": cycle, "killed_during_startup": during_start}
@@ -304,6 +311,17 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
         ]  # fmt: skip
         stream_s = rng.uniform(0.3, 3.0)
         await asyncio.sleep(stream_s)
+        if cycle % RELOAD_EVERY == 1:
+            # A reload, then the kill at once or a little later: snapshots come every 2,000
+            # events (a fraction of a second here), so only a prompt kill leaves the previous
+            # version's snapshot on disk for the next start.
+            admin = Conn(server.port)
+            body = json.dumps({"version": other[serving]}).encode()
+            status, _ = await admin.request("POST", "/v1/admin/model/reload", body)
+            admin.close()
+            row["reloaded_to"] = other[serving] if status == 200 else f"failed {status}"
+            serving = other[serving] if status == 200 else serving
+            await asyncio.sleep(rng.choice([0.0, rng.uniform(0.05, 0.5)]))
         server.kill()
         stop.set()
         await asyncio.gather(*senders)
@@ -313,6 +331,7 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
         row["replayed"] = int(replay.group(1)) if replay else None
         row["replay_s"] = float(replay.group(2)) if replay else None
         row["snapshot_restored"] = "restored snapshot" in text
+        row["snapshot_refolded"] = "users refolded under" in text
         row.update(stream_s=round(stream_s, 3), acked=len(ledger.acked) - acked_before)
         row["in_doubt_after"] = sum(len(b) for b in ledger.in_doubt)
         rows.append(row)
@@ -320,7 +339,7 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
                  f"{row['replayed']}, +{row['acked']} acked, {row['in_doubt_after']} in doubt "
                  "at the kill")  # fmt: skip
     # Audit on a final start; the last kill's unanswered events are left in doubt (not re-sent).
-    server = Server(DEFAULT_ROOT, state_dir, log_path, env)
+    server = Server(root, state_dir, log_path, env)
     final_ready = await server.until_ready()
     histories = await _fetch_histories(server.port, users)
     server.stop()
@@ -362,10 +381,13 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
         "requests_ok": ledger.requests_ok,
         "requests_failed_by_kill": ledger.requests_failed,
         "final_ready_s": round(final_ready, 3),
+        "reloads": sum("reloaded_to" in r for r in rows),
+        "reloads_failed": sum(str(r.get("reloaded_to", "")).startswith("failed") for r in rows),
+        "restores_refolded": sum(bool(r.get("snapshot_refolded")) for r in rows),
         "cycles_detail": rows,
         "server_env": {**SERVER_ENV, **env},
     }
-    result["pass"] = not (lost or doubled or unknown or mismatched)
+    result["pass"] = not (lost or doubled or unknown or mismatched or result["reloads_failed"])
     return result
 
 
@@ -781,6 +803,9 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"| crash: log holds only sent events, as sent | {crash['unknown_in_log']} unknown, "
         f"{crash['mismatched']} mismatched | "
         f"{verdict(crash['unknown_in_log'] == 0 and crash['mismatched'] == 0)} |",
+        f"| crash: every mid-stream reload answered 200 | "
+        f"{crash['reloads'] - crash['reloads_failed']}/{crash['reloads']} | "
+        f"{verdict(crash['reloads_failed'] == 0)} |",
         f"| reload under load: failed requests = 0 | {reload['requests_failed']} of "
         f"{reload['requests_ok'] + reload['requests_failed']:,} | "
         f"{verdict(reload['requests_failed'] == 0)} |",
@@ -805,7 +830,13 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         "re-sent after the restart with the same ids, as an at-least-once webhook client "
         "would. Snapshots every 2,000 events (`SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS=2000`), so "
         "restarts go through snapshot restore plus tail replay and some kills land during a "
-        "snapshot write. At the end a final start fetches every user's history "
+        "snapshot write. The root holds two versions of one catalogue (as in (b)); cycles 1, "
+        f"{1 + RELOAD_EVERY}, {1 + 2 * RELOAD_EVERY}, ... (those not killed in start-up) reload "
+        "the other one at the end of their stream and are killed at once or up to 0.5 s later, so "
+        "the next "
+        "start serves it (pinned) and finds a snapshot of the previous version when none was "
+        "taken since: restored with every vector refolded under the served version. "
+        "At the end a final start fetches every user's history "
         f"(`limit={HISTORY_LIMIT}`) and checks every acknowledged id is there exactly once.",
         "",
         "| quantity | value |",
@@ -822,16 +853,20 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"| unanswered at the last kill (found durable in the log) | {crash['final_in_doubt']} "
         f"({crash['final_in_doubt_durable']}) |",
         f"| final start to ready | {crash['final_ready_s']} s |",
+        f"| reloads mid-stream (failed) / restores refolded from another version's snapshot | "
+        f"{crash['reloads']} ({crash['reloads_failed']}) / {crash['restores_refolded']} |",
         "",
         "| cycle | killed in start-up | ready s | replayed events | snapshot restored | "
-        "stream s | acked |",
-        "|---|---|---|---|---|---|---|",
+        "stream s | acked | reloaded to |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in crash["cycles_detail"]:
         cells = [
             r["cycle"], "yes" if r["killed_during_startup"] else "", r.get("ready_s"),
-            r.get("replayed"), "yes" if r.get("snapshot_restored") else "", r.get("stream_s"),
-            f"{r['acked']:,}",
+            r.get("replayed"),
+            ("yes, refolded" if r.get("snapshot_refolded") else "yes")
+            if r.get("snapshot_restored") else "",
+            r.get("stream_s"), f"{r['acked']:,}", r.get("reloaded_to", ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     lines += [
