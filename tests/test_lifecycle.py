@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.artifacts import list_versions, load_artifact, save_artifact
+from server.artifacts import Artifact, list_versions, load_artifact, save_artifact
 from tests.test_service import Server, _wait_for_metric
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,15 +49,22 @@ def _manifest(artifact_manifest: dict[str, Any], note: str) -> dict[str, Any]:
     return {**keep, "name": note}
 
 
+def _two_versions(root: Path, seed: int) -> tuple[str, Artifact]:
+    """The default version copied into ``root`` (the one a plain start serves) and a genuine
+    second one of its catalogue, ROTATED; returns the default's name and artifact."""
+    default = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / default, root / default)
+    base = load_artifact(root / default)
+    save_artifact(root, _rotated_arrays(base.arrays, seed), _manifest(base.manifest, "rotated"),
+                  version=ROTATED)  # fmt: skip
+    return default, base
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root with the default version copied and a genuine second (rotated) version."""
     root = tmp_path_factory.mktemp("artifacts")
-    source = list_versions(DEFAULT_ROOT)[-1]  # the version a plain start serves
-    shutil.copytree(DEFAULT_ROOT / source, root / source)
-    base = load_artifact(root / source)
-    save_artifact(root, _rotated_arrays(base.arrays, 0), _manifest(base.manifest, "rotated"),
-                  version=ROTATED)  # fmt: skip
+    _two_versions(root, 0)
     return root
 
 
@@ -233,11 +240,7 @@ def test_model_choice_survives_restarts(tmp_path: Path) -> None:
     the rollback stack; reloading the newest unpins; a pinned version gone from disk falls back
     to the newest with a warning."""
     root = tmp_path / "artifacts"
-    default = list_versions(DEFAULT_ROOT)[-1]
-    shutil.copytree(DEFAULT_ROOT / default, root / default)
-    base = load_artifact(root / default)
-    save_artifact(root, _rotated_arrays(base.arrays, 1), _manifest(base.manifest, "rotated"),
-                  version=ROTATED)  # fmt: skip
+    default, base = _two_versions(root, 1)
     env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
     state = tmp_path / "state"
 
@@ -285,11 +288,7 @@ def test_a_kill_after_a_reload_restores_the_older_versions_snapshot(tmp_path: Pa
     restart (on the reloaded, pinned version) that snapshot plus a short tail: it is restored
     with every vector refolded under the served version, and the users' answers are as before."""
     root = tmp_path / "artifacts"
-    default = list_versions(DEFAULT_ROOT)[-1]
-    shutil.copytree(DEFAULT_ROOT / default, root / default)
-    base = load_artifact(root / default)
-    save_artifact(root, _rotated_arrays(base.arrays, 2), _manifest(base.manifest, "rotated"),
-                  version=ROTATED)  # fmt: skip
+    _two_versions(root, 2)
     env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}',
            "SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "3"}  # fmt: skip
     srv = _server(root, tmp_path / "state", env)
