@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.quality import git_state
 from server.artifacts import list_versions, load_artifact, save_artifact
 from server.launch import ServeProcess
 
@@ -790,7 +791,8 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"Generated {result['generated']} by `{result['command']}` in "
         f"{result['wall_s']:.0f} s. Machine: {m['cpus']} CPUs (shared with other work), "
         f"{m['platform']}, Python {m['python']}; load average {m['load_avg']} at the start, "
-        f"{result['load_avg_end']} at the end. No GPU: server env `SIGNEDREC_KERNELS__BACKEND="
+        f"{result['load_avg_end']} at the end. Code: {result.get('git', 'not recorded')}. "
+        "No GPU: server env `SIGNEDREC_KERNELS__BACKEND="
         "cpu`. The load generator (a minimal asyncio HTTP/1.1 keep-alive client) runs on the "
         "same 2 cores as the server.",
         "",
@@ -986,6 +988,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": f"python -m benchmarks.reliability{' ' + argv if argv else ''}",
+        "git": git_state(),
         "wall_s": round(time.time() - started, 1),
         "machine": load_start,
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
