@@ -16,7 +16,10 @@ import numpy as np
 from server.durable import fsync_dir
 from server.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+# 2 added the trained graph's edge weights (feedback folded in from an event log); a version 1
+# artifact is read as every edge weighing 1, which is what its trainer used.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 
 # Every array an artifact must hold, with its dtype; shapes are checked against the manifest.
@@ -31,6 +34,8 @@ REQUIRED_ARRAYS: dict[str, str] = {
     "neg_indptr": "int64",
     "neg_items": "int32",
 }
+# Arrays a schema 2 artifact also holds (``load_artifact`` fills them with ones for schema 1).
+WEIGHT_ARRAYS: dict[str, str] = {"pos_weights": "float32", "neg_weights": "float32"}
 # The arrays that make up the users and trained signed graph a live state is built on.
 GRAPH_FILES = ("user_ids", "pos_indptr", "pos_items", "neg_indptr", "neg_items")
 
@@ -70,7 +75,17 @@ class Artifact:
         digest = hashlib.sha256(str(self.manifest.get("watermark", 0)).encode())
         for name in GRAPH_FILES:
             digest.update(files[f"{name}.npy"]["sha256"].encode())
+        # Unit weights (every schema 1 graph, any graph of dataset rows only) add nothing, so
+        # the same graph has the same fingerprint in either schema.
+        for name in WEIGHT_ARRAYS:
+            if not np.all(self.arrays[name] == 1.0):
+                digest.update(files[f"{name}.npy"]["sha256"].encode())
         return digest.hexdigest()
+
+    @property
+    def watermark(self) -> int:
+        """The last event-log seq folded into the trained graph (0: none)."""
+        return int(self.manifest.get("watermark", 0))
 
 
 def _sha256(path: Path) -> str:
@@ -91,7 +106,7 @@ def save_artifact(
     root: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any], version: str | None = None
 ) -> Path:
     """Write a new version atomically (temp dir, fsync, rename) and return its directory."""
-    missing = sorted(set(REQUIRED_ARRAYS) - set(arrays))
+    missing = sorted((set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS)) - set(arrays))
     if missing:
         raise ArtifactError(f"artifact is missing arrays {missing}")
     root = Path(root)
@@ -163,10 +178,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{manifest_path} is not a JSON object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    schema = manifest.get("schema_version")
+    if type(schema) is not int or schema not in READABLE_SCHEMAS:
         raise ArtifactError(
-            f"{manifest_path}: schema_version {manifest.get('schema_version')!r} is not "
-            f"supported (expected {SCHEMA_VERSION})"
+            f"{manifest_path}: schema_version {schema!r} is not supported (expected one of "
+            f"{', '.join(map(str, READABLE_SCHEMAS))})"
         )
     for key in ("version", "files", "model", "dataset"):
         if key not in manifest:
@@ -180,7 +196,10 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
     manifest = read_manifest(path)
     files = manifest["files"]
     arrays: dict[str, np.ndarray] = {}
-    for name, dtype in REQUIRED_ARRAYS.items():
+    expected = dict(REQUIRED_ARRAYS)
+    if manifest["schema_version"] >= 2:
+        expected.update(WEIGHT_ARRAYS)
+    for name, dtype in expected.items():
         file = f"{name}.npy"
         entry = files.get(file)
         if entry is None:
@@ -203,4 +222,9 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
     n_items, dim = arrays["item_table"].shape
     if arrays["item_vectors"].shape != (n_items, dim) or len(arrays["item_ids"]) != n_items:
         raise ArtifactError(f"{path}: item arrays disagree on the number of items or dimension")
+    for sign in ("pos", "neg"):
+        weights = arrays.setdefault(f"{sign}_weights", np.ones(len(arrays[f"{sign}_items"]),
+                                                                np.float32))  # fmt: skip
+        if len(weights) != len(arrays[f"{sign}_items"]) or not np.all(weights > 0):
+            raise ArtifactError(f"{path}: {sign}_weights must be one weight > 0 per edge")
     return Artifact(path=path, manifest=manifest, arrays=arrays)

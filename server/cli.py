@@ -38,7 +38,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ArtifactError(
                 f"{source}/manifest.json: no usable model.hyper ({type(exc).__name__}: {exc})"
             ) from None
-    path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed)
+    events = None if args.events is None else Path(args.events)
+    path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed,
+                 events=events, weights=config.events)  # fmt: skip
     print(path)
     return 0
 
@@ -138,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TOML config file")
     p.add_argument(
         "--hyper-from", default=None, help="refit with this artifact's hyper-parameters, no search"
+    )
+    p.add_argument(
+        "--events",
+        default=None,
+        help="also train on a server's logged feedback (its state dir or event log dir, read "
+        "without stopping it); the server then replays only later events",
     )
     p.set_defaults(func=_cmd_train)
 

@@ -44,6 +44,7 @@ MAX_PAYLOAD_BYTES: Final[int] = 64 * 1024
 MAX_ID_CHARS: Final[int] = 512
 SEGMENT_PATTERN: Final[re.Pattern[str]] = re.compile(r"events-(\d{20})\.log")
 LOCK_NAME: Final[str] = "LOCK"
+EVENTS_DIR: Final[str] = "events"  # the log's directory inside a server's state dir
 
 # Indirections so tests can inject disk failures without patching the os module for everyone.
 _write: Callable[[int, Any], int] = os.write
@@ -260,6 +261,82 @@ def _check_event(event: NewEvent, index: int) -> None:
     ts = event.ts
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts < 0:
         raise bad("ts", f"must be finite unix seconds >= 0, got {ts!r}")
+
+
+class ReadReport(Base):
+    """What a lock-free read of a log saw: its seq range and anything cut off its end."""
+
+    directory: str
+    first_seq: int
+    last_seq: int
+    segments: int
+    unread_tail: str | None = None
+
+
+def read_records(
+    directory: Path, batch_size: int = 65536
+) -> tuple[ReadReport, Iterator[list[EventRecord]]]:
+    """Read a log without its lock (a running server may be appending): every complete record,
+    in seq order, in lists; a partial record at the very end (a write in flight, or a torn tail
+    the next open will cut) is left out and reported. Damage anywhere else raises."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LogUnavailableError(f"event log {directory} does not exist", {"file": str(directory)})
+    try:
+        segments = _list_segments(directory)
+        # Only the last segment can still grow; it is read as it stands at this moment.
+        buffers = [_read_file(seg.path) for seg in segments]
+    except OSError as exc:
+        raise _unavailable("read", exc, directory) from exc
+    expected = segments[0].first_seq if segments else 1
+    ends: list[int] = []
+    unread: str | None = None
+    for index, (seg, buf) in enumerate(zip(segments, buffers, strict=True)):
+        if seg.first_seq != expected:
+            raise LogCorruptError(
+                f"{seg.path}: starts at seq {seg.first_seq}, not {expected} (missing segment)",
+                {"file": str(seg.path), "offset": 0},
+            )
+        count, end, problem = _scan(buf, seg.first_seq)
+        if problem is not None:
+            if index != len(segments) - 1 or _next_valid_record(buf, end + 1) >= 0:
+                raise LogCorruptError(
+                    f"{seg.path} offset {end}: {problem}; the log is damaged",
+                    {"file": str(seg.path), "offset": end, "problem": problem},
+                )
+            unread = f"{seg.path.name} offset {end}: {problem} ({len(buf) - end} bytes)"
+        ends.append(end)
+        expected = seg.first_seq + count
+    report = ReadReport(
+        directory=str(directory),
+        first_seq=segments[0].first_seq if segments else 1,
+        last_seq=expected - 1,
+        segments=len(segments),
+        unread_tail=unread,
+    )
+
+    def batches() -> Iterator[list[EventRecord]]:
+        batch: list[EventRecord] = []
+        for buf, end in zip(buffers, ends, strict=True):
+            pos = 0
+            while pos < end:
+                _, length, _, _ = HEADER.unpack_from(buf, pos)
+                start = pos + HEADER_SIZE
+                try:
+                    batch.append(_DECODER.decode(buf[start : start + length]))
+                except msgspec.DecodeError as exc:
+                    raise LogCorruptError(
+                        f"{directory}: undecodable record at offset {pos}: {exc}",
+                        {"file": str(directory), "offset": pos, "problem": str(exc)},
+                    ) from exc
+                pos += HEADER_SIZE + length
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    return report, batches()
 
 
 class EventLog:

@@ -26,7 +26,8 @@ from server.config import Config
 from server.data import IdMap
 from server.dedup import RecentIds
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
-from server.events import EventLog, EventRecord, NewEvent, OpenReport
+from server.events import EVENTS_DIR, EventLog, EventRecord, NewEvent, OpenReport
+from server.feedback import rating_strength, strengths_by_kind
 from server.index import ItemIndex
 from server.propensity import Propensity
 from server.ranking import Ragged, rank
@@ -86,8 +87,8 @@ class ItemSide:
                           else config.ranking.propensity_beta)  # fmt: skip
         n_items = len(arrays["item_ids"])
         self.propensity = Propensity.from_counts(
-            np.bincount(arrays["pos_items"], minlength=n_items),
-            np.bincount(arrays["neg_items"], minlength=n_items),
+            np.bincount(arrays["pos_items"], arrays["pos_weights"], minlength=n_items),
+            np.bincount(arrays["neg_items"], arrays["neg_weights"], minlength=n_items),
             float(ranking.get("propensity_prior", config.model.propensity_prior)),
         )
         self.index = ItemIndex(self.vectors, config.index, "score")
@@ -242,6 +243,9 @@ class LiveState:
         self.catalogue = artifact.catalogue_fingerprint  # a swap requires the same one
         self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
+        # Edge weights: 1 for dataset rows, an event kind's strength for feedback from a log.
+        self._pos_weights, self._neg_weights = arrays["pos_weights"], arrays["neg_weights"]
+        self.watermark = artifact.watermark
         self.n_trained_users = len(self._pos_indptr) - 1
         self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
         self._fold_trained(self.item_side, self.vectors)
@@ -277,14 +281,19 @@ class LiveState:
         pos_at = indptr[pos_owner] + (np.arange(len(self._pos_items)) - self._pos_indptr[pos_owner])
         neg_at = indptr[neg_owner] + pos_deg[neg_owner]
         neg_at += np.arange(len(self._neg_items)) - self._neg_indptr[neg_owner]
-        rows[pos_at], weights[pos_at] = self._pos_items, 1.0
-        rows[neg_at], weights[neg_at] = self._neg_items, side.neg_weight
+        rows[pos_at], weights[pos_at] = self._pos_items, self._pos_weights
+        rows[neg_at], weights[neg_at] = self._neg_items, self._neg_weights * side.neg_weight
         kernels.fold_csr(indptr, rows, weights, side.table, out[:n])
 
     def _trained_edges(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """A trained user's liked and disliked items in the artifact's graph."""
         pos = self._pos_items[self._pos_indptr[user] : self._pos_indptr[user + 1]]
         return pos, self._neg_items[self._neg_indptr[user] : self._neg_indptr[user + 1]]
+
+    def _trained_strengths(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sizes of a trained user's positive and negative strengths (parallel to edges)."""
+        pos = self._pos_weights[self._pos_indptr[user] : self._pos_indptr[user + 1]]
+        return pos, self._neg_weights[self._neg_indptr[user] : self._neg_indptr[user + 1]]
 
     def begin_swap(self, side: ItemSide) -> SwapPlan:
         """Start a swap to a new item side: check its catalogue, copy the online graphs (loop)."""
@@ -296,7 +305,14 @@ class LiveState:
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
-        if side.artifact.graph_fingerprint != self.graph:
+        watermark = side.artifact.watermark
+        if side.artifact.graph_fingerprint != self.graph and 0 < watermark <= self.applied_seq:
+            log.info(
+                "model %s was trained on the events up to seq %d: live users keep this server's "
+                "graph, which holds those events and the %d after them, as a restart on it will",
+                side.version, watermark, self.applied_seq - watermark,
+            )  # fmt: skip
+        elif side.artifact.graph_fingerprint != self.graph:
             new = side.artifact.arrays
             log.warning(
                 "model %s was trained on another signed graph than %s (%d users, %d edges vs "
@@ -348,8 +364,17 @@ class LiveState:
 
     def open_log(self) -> OpenReport:
         """Open the event log, restore the snapshot if it fits, replay what follows it."""
-        self.log, report = EventLog.open(self.state_dir / "events", self.config.log)
-        after = int(self.item_side.artifact.manifest.get("watermark", 0))
+        self.log, report = EventLog.open(self.state_dir / EVENTS_DIR, self.config.log)
+        after = self.watermark
+        if after > report.last_seq:
+            self.log.close_sync()
+            raise ArtifactError(
+                f"model {self.base_version} was trained on this state's events up to seq {after}, "
+                f"but the log in {self.state_dir / EVENTS_DIR} ends at seq {report.last_seq}: "
+                "serve it with the state dir whose log it was trained on"
+            )
+        if after >= report.first_seq:
+            self._check_trained_log(after)
         started = time.perf_counter()
         snap = snapshot.read(self.state_dir, self.item_side.version, self.graph, self.catalogue)
         if snap is not None and snap.seq <= report.last_seq:
@@ -358,6 +383,8 @@ class LiveState:
         elif snap is not None:
             log.warning("snapshot at seq %d is ahead of the log (%d): ignored", snap.seq,
                         report.last_seq)  # fmt: skip
+        if after == self.watermark > 0:
+            self._remember_trained_ids(report.first_seq)
         replayed = self.events_applied
         for batch in self.log.replay(after_seq=after):
             self._apply(batch, replay=True)
@@ -373,6 +400,34 @@ class LiveState:
         )
         self.ready = True
         return report
+
+    def _check_trained_log(self, watermark: int) -> None:
+        """Refuse a model trained on another log: the event at its watermark must be the one
+        its manifest names (every event up to it is in the model's graph, none is replayed)."""
+        if self.log is None:
+            raise RuntimeError("_check_trained_log: the log is not open")
+        expected = self.item_side.artifact.manifest.get("log", {}).get("last_event_id")
+        found = next(iter(self.log.replay(after_seq=watermark - 1, batch_size=1)))[0].event_id
+        if expected is not None and found != expected:
+            self.log.close_sync()
+            raise ArtifactError(
+                f"model {self.base_version} was trained on a log whose event {watermark} is "
+                f"{expected!r}, but in {self.log.directory} it is {found!r}: serve it with the "
+                "state dir whose log it was trained on"
+            )
+
+    def _remember_trained_ids(self, first_seq: int) -> None:
+        """Refill the idempotency window with the ids of the events the model was trained on
+        (their feedback is in its graph already), so a late retry of one stays a duplicate."""
+        if self.log is None:
+            raise RuntimeError("_remember_trained_ids: the log is not open")
+        start = max(self.watermark - self.config.log.dedup_window, first_seq - 1)
+        for batch in self.log.replay(after_seq=start):
+            ids = [record.event_id for record in batch if record.seq <= self.watermark]
+            self.event_ids.add(ids)
+            if len(ids) < len(batch):
+                break
+        self.applied_seq = self.watermark
 
     def take_snapshot(self) -> snapshot.Snapshot:
         """The state as of ``applied_seq``, copied in one go."""
@@ -507,8 +562,9 @@ class LiveState:
             record = UserFeedback(history=deque(maxlen=self.config.server.history_max_limit))
             if user < self.n_trained_users:
                 pos, neg = self._trained_edges(user)
-                record.strength = dict.fromkeys(pos.tolist(), 1.0)
-                record.strength.update(dict.fromkeys(neg.tolist(), -1.0))
+                pos_w, neg_w = self._trained_strengths(user)
+                record.strength = dict(zip(pos.tolist(), pos_w.tolist(), strict=True))
+                record.strength.update(zip(neg.tolist(), (-neg_w).tolist(), strict=True))
                 record.recent_negative = dict.fromkeys(neg.tolist())
             self.feedback[user] = record
         return record
@@ -534,7 +590,7 @@ class LiveState:
         neg_weight = self.item_side.neg_weight
         fold = self.fold_weight
         w = self._weights
-        fixed = {"like": w.like, "dislike": w.dislike, "skip": w.skip}
+        fixed = strengths_by_kind(w)
         threshold = self.item_side.threshold
         replayed: list[str] = []
         feedback_get = self.feedback.get
@@ -558,7 +614,7 @@ class LiveState:
                 value = record.value
                 if value is None:
                     raise InvalidEventError("a rating event needs a value")
-                new = w.rating_positive if value >= threshold else w.rating_negative
+                new = rating_strength(value, threshold, w)
             strength = feedback.strength
             old = strength.get(item)
             strength[item] = new
@@ -606,8 +662,10 @@ class LiveState:
                 empty = np.empty(0, np.int32)
                 return empty, empty, empty, (0.0, 0.0)
             pos, neg = self._trained_edges(user)
+            pos_w, neg_w = self._trained_strengths(user)
             seen = np.sort(np.concatenate([pos, neg]))
-            return seen, np.sort(neg), neg[len(neg) - recent :], (len(pos), len(neg))
+            counts = (float(pos_w.sum(dtype=np.float64)), float(neg_w.sum(dtype=np.float64)))
+            return seen, np.sort(neg), neg[len(neg) - recent :], counts
         if feedback.seen_cache is None:
             items = np.fromiter(feedback.strength, np.int32, len(feedback.strength))
             strengths = np.fromiter(feedback.strength.values(), np.float64, len(items))

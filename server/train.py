@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from server.artifacts import Artifact, save_artifact
-from server.config import Hyper, ModelConfig
+from server.config import EventWeights, Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.evaluate import (
     Truth,
@@ -33,7 +33,8 @@ from server.evaluate import (
     ground_truth,
     interaction_matrix,
 )
-from server.graph import SignedGraph, build_graph
+from server.feedback import LogFeedback, read_feedback
+from server.graph import SignedGraph, build_graph, with_feedback
 from server.model import SignedGraphModel, factorise
 from server.propensity import Propensity
 
@@ -172,7 +173,7 @@ def graph_propensity(graph: SignedGraph, prior: float) -> Propensity:
 
 def user_propensity_logits(graph: SignedGraph, propensity: Propensity) -> np.ndarray:
     """Every trained user's dislike-rate logit from their like/dislike degrees."""
-    return propensity.user_logit(np.diff(graph.pos_indptr), np.diff(graph.neg_indptr))
+    return propensity.user_logit(*graph.user_degrees())
 
 
 def served_scores(
@@ -361,10 +362,15 @@ def train(
     config: ModelConfig,
     out: TextIO = sys.stderr,
     fixed: Hyper | None = None,
+    events: Path | None = None,
+    weights: EventWeights | None = None,
 ) -> Path:
     """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
 
-    With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data).
+    With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data). With
+    ``events`` (a server's state dir or its log) the train graph also holds every event of that
+    log, weighted by ``weights`` as the server folds them, and the artifact's watermark is the
+    last seq read: a server on that state replays only what came after it.
     """
     started = time.perf_counter()
     pin_malloc_threshold()
@@ -378,10 +384,24 @@ def train(
         flush=True,
     )
     graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
-    masked = interaction_matrix(
-        dataset.train.users, dataset.train.items, dataset.n_users, dataset.n_items
-    )
-    valid_truth = ground_truth(dataset.valid, threshold, dataset.n_users, dataset.n_items)
+    users = IdMap.dense(dataset.n_users)
+    feedback = None
+    if events is not None:
+        feedback = read_feedback(events, users, IdMap.dense(dataset.n_items),
+                                 weights or EventWeights(), threshold, out)  # fmt: skip
+        graph = with_feedback(graph, feedback.users, feedback.items, feedback.strengths,
+                              feedback.n_users)  # fmt: skip
+        report = feedback.report
+        print(
+            f"log {report.directory}: {len(feedback.strengths)} events, seq {report.first_seq}.."
+            f"{report.last_seq} ({len(feedback.new_users)} new users)"
+            + (f"; left out a partial record at its end: {report.unread_tail}"
+               if report.unread_tail else ""),
+            file=out, flush=True,
+        )  # fmt: skip
+    # Masked: every pair in the train graph (dataset rows and logged feedback alike).
+    masked = interaction_matrix(*graph.edges()[:2], graph.n_users, dataset.n_items)
+    valid_truth = ground_truth(dataset.valid, threshold, graph.n_users, dataset.n_items)
     # The search's n x n caches live only inside fit(), freed before the served factors are used.
     best, trials, item_table, item_vectors, z = fit(graph, valid_truth, masked, config, out, fixed)
 
@@ -406,7 +426,7 @@ def train(
     beta, propensity = select_propensity(suppressed, graph, valid_truth, masked, config, out)
     metrics = {"valid": evaluate_scores(served, valid_truth, masked)}
     if dataset.test is not None:
-        test_truth = ground_truth(dataset.test, threshold, dataset.n_users, dataset.n_items)
+        test_truth = ground_truth(dataset.test, threshold, graph.n_users, dataset.n_items)
         metrics["test"] = evaluate_scores(served, test_truth, masked)
     seconds = time.perf_counter() - started
     print(
@@ -423,14 +443,15 @@ def train(
         "propensity_prior": config.propensity_prior,
         "propensity_valid": propensity,
     }
-    return export(
-        dataset, graph, best, item_table, item_vectors, metrics, trials, ranking, seconds, out_dir
-    )
+    return export(dataset, graph, users, feedback, best, item_table, item_vectors, metrics,
+                  trials, ranking, seconds, out_dir)  # fmt: skip
 
 
 def export(
     dataset: Dataset,
     graph: SignedGraph,
+    users: IdMap,
+    feedback: LogFeedback | None,
     hyper: Hyper,
     item_table: np.ndarray,
     item_vectors: np.ndarray,
@@ -446,11 +467,13 @@ def export(
         "item_vectors": item_vectors,
         "item_popularity": _popularity(graph),
         "item_ids": IdMap.dense(dataset.n_items).to_array(),
-        "user_ids": IdMap.dense(dataset.n_users).to_array(),
+        "user_ids": users.to_array(),
         "pos_indptr": graph.pos_indptr,
         "pos_items": graph.pos_items,
         "neg_indptr": graph.neg_indptr,
         "neg_items": graph.neg_items,
+        "pos_weights": graph.pos_weights,
+        "neg_weights": graph.neg_weights,
     }
     manifest = {
         "name": Path(out_dir).name,
@@ -473,6 +496,17 @@ def export(
         "ranking": ranking,
         "train_seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "watermark": 0,
+        "watermark": 0 if feedback is None else feedback.watermark,
     }
+    if feedback is not None:
+        manifest["log"] = {
+            "directory": feedback.report.directory,
+            "events": len(feedback.strengths),
+            "first_seq": feedback.report.first_seq,
+            "last_seq": feedback.report.last_seq,
+            "last_event_id": feedback.last_event_id,
+            "new_users": len(feedback.new_users),
+            "users": graph.n_users,
+            "weights": msgspec.to_builtins(feedback.weights),
+        }
     return save_artifact(Path(out_dir), arrays, manifest)

@@ -13,6 +13,7 @@ from server.artifacts import (
     MANIFEST,
     REQUIRED_ARRAYS,
     SCHEMA_VERSION,
+    WEIGHT_ARRAYS,
     _sha256,
     list_versions,
     load_artifact,
@@ -37,6 +38,8 @@ def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
         "pos_items": np.array([0, 4, 1, 2, 6, 3], dtype=np.int32),
         "neg_indptr": np.array([0, 1, 1, 2, 2, 2], dtype=np.int64),
         "neg_items": np.array([5, 0], dtype=np.int32),
+        "pos_weights": np.array([1, 1, 0.5, 1, 1, 2], dtype=np.float32),
+        "neg_weights": np.array([0.25, 1], dtype=np.float32),
     }
 
 
@@ -70,7 +73,7 @@ def test_round_trip(saved: Path, root: Path) -> None:
     assert saved == root / "20240101T000000000Z"
     artifact = load_artifact(saved)
     assert artifact.path == saved
-    assert set(artifact.arrays) == set(REQUIRED_ARRAYS)
+    assert set(artifact.arrays) == set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS)
     for name, array in _arrays().items():
         np.testing.assert_array_equal(artifact.arrays[name], array)
         assert artifact.arrays[name].dtype == array.dtype
@@ -82,7 +85,7 @@ def test_round_trip(saved: Path, root: Path) -> None:
     for key, value in _manifest().items():
         assert manifest[key] == value
     assert "created_at" in manifest
-    assert set(manifest["files"]) == {f"{name}.npy" for name in REQUIRED_ARRAYS}
+    assert set(manifest["files"]) == {f"{name}.npy" for name in (*REQUIRED_ARRAYS, *WEIGHT_ARRAYS)}
     entry = manifest["files"]["item_table.npy"]
     assert entry["shape"] == [N_ITEMS, DIM]
     assert entry["dtype"] == "float32"
@@ -160,12 +163,48 @@ def test_corrupt_manifest_is_refused(saved: Path) -> None:
         load_artifact(saved)
 
 
-@pytest.mark.parametrize("schema", [SCHEMA_VERSION + 1, 0, "1", None])
+@pytest.mark.parametrize("schema", [SCHEMA_VERSION + 1, 0, "1", None, True])
 def test_wrong_schema_version_is_refused(saved: Path, schema: object) -> None:
     _rewrite_manifest(saved, schema_version=schema)
     with pytest.raises(ArtifactError, match="schema_version") as caught:
         load_artifact(saved)
-    assert f"expected {SCHEMA_VERSION}" in caught.value.message
+    assert f"expected one of 1, {SCHEMA_VERSION}" in caught.value.message
+
+
+def test_schema_1_artifact_reads_as_unit_weights(saved: Path) -> None:
+    """An artifact from before edge weights (the shipped default) loads with every weight 1,
+    and its graph fingerprint is that of the same graph written with explicit unit weights."""
+    for name in WEIGHT_ARRAYS:
+        (saved / f"{name}.npy").unlink()
+    manifest = json.loads((saved / MANIFEST).read_text())
+    for name in WEIGHT_ARRAYS:
+        del manifest["files"][f"{name}.npy"]
+    manifest["schema_version"] = 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    old = load_artifact(saved)
+    assert old.arrays["pos_weights"].tolist() == [1.0] * 6
+    assert old.arrays["neg_weights"].tolist() == [1.0] * 2
+    unit = _arrays()
+    unit["pos_weights"] = np.ones(6, np.float32)
+    unit["neg_weights"] = np.ones(2, np.float32)
+    new = load_artifact(save_artifact(saved.parent, unit, _manifest(), version="unit"))
+    weighted = load_artifact(save_artifact(saved.parent, _arrays(), _manifest(), version="w"))
+    assert new.graph_fingerprint == old.graph_fingerprint
+    assert weighted.graph_fingerprint != old.graph_fingerprint
+
+
+def test_schema_2_needs_its_weights(saved: Path) -> None:
+    (saved / "neg_weights.npy").unlink()
+    with pytest.raises(ArtifactError, match=r"neg_weights\.npy is missing"):
+        load_artifact(saved)
+
+
+def test_non_positive_weight_is_refused(root: Path) -> None:
+    arrays = _arrays()
+    arrays["pos_weights"][2] = 0.0
+    path = save_artifact(root, arrays, _manifest())
+    with pytest.raises(ArtifactError, match="pos_weights must be one weight > 0 per edge"):
+        load_artifact(path)
 
 
 @pytest.mark.parametrize("key", ["version", "files", "model", "dataset"])

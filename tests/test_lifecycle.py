@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from server.artifacts import Artifact, list_versions, load_artifact, save_artifact
+from tests.conftest import TinyDataset
 from tests.test_service import Server, _wait_for_metric
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,3 +321,66 @@ def test_a_kill_after_a_reload_restores_the_older_versions_snapshot(tmp_path: Pa
     log = again.log_path.read_text()
     assert f"refolded under {ROTATED}" in log
     assert "replayed 2 events" in log
+
+
+def test_retrain_on_the_servers_log_then_restart_on_it(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """`signedrec train --events STATE` while the server runs, then a restart on the new version:
+    it replays nothing (the events are in its graph), a user created online is a trained user,
+    a dislike is still never returned, a retry of an old event is still a duplicate, and the
+    events after the watermark replay after a SIGKILL."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    state = tmp_path / "state"
+    srv = _server(root, state)
+    online = [
+        {**_event("online", "3", "like"), "event_id": "first"},
+        _event("online", "4", "like"),
+        _event("0", "5", "dislike"),
+        _event("1", "6", "skip"),
+        {**_event("2", "7", "rating"), "value": 5.0},
+    ]
+    assert srv.client.post("/v1/feedback", json=online).json()["accepted"] == len(online)
+    assert _recs(srv, "online")["fallback"] is False
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_dataset.model_toml)
+    train = subprocess.run(
+        [sys.executable, "-m", "server.cli", "train", "--data", str(tiny_dataset.path),
+         "--threshold", str(tiny_dataset.threshold), "--out", str(root), "--config", str(config),
+         "--hyper-from", str(root / tiny_artifact.name), "--events", str(state)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert f"{len(online)} events, seq 1..{len(online)} (1 new users)" in train.stderr
+    new_version = Path(train.stdout.strip().splitlines()[-1]).name
+    srv.stop()
+
+    again = _server(root, state)
+    try:
+        assert _model(again)["active"] == new_version
+        # Trained edges now: no event ids, likes in the trained graph.
+        assert {(e["event_id"], e["item_id"], e["kind"]) for e in _history(again, "online")} == {
+            (None, "3", "like"), (None, "4", "like")}  # fmt: skip
+        assert "5" not in _ids(_recs(again, "0"))
+        retry = again.client.post("/v1/feedback", json=[online[0]]).json()
+        assert retry == {"accepted": 0, "duplicates": 1}
+        late = _event("online", "8", "dislike")
+        assert again.client.post("/v1/feedback", json=[late]).json()["accepted"] == 1
+        before = _recs(again, "online")
+    finally:
+        again.stop(signal.SIGKILL)
+    log = again.log_path.read_text()
+    assert "replayed 0 events in" in log
+    assert f"after seq {len(online)}" in log
+
+    third = _server(root, state)
+    try:
+        after = _recs(third, "online")
+        assert _ids(after) == _ids(before)
+        np.testing.assert_allclose([i["score"] for i in after["items"]],
+                                   [i["score"] for i in before["items"]],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    finally:
+        third.stop()
+    assert "replayed 1 events" in third.log_path.read_text()

@@ -1,0 +1,115 @@
+"""Feedback strengths: how an event becomes a signed strength, live and when training from a log.
+
+The live state and ``signedrec train --events`` share :func:`strengths_by_kind` and
+:func:`rating_strength`, so a model retrained on the log holds each user's graph exactly as the
+server held it after the same events (the latest strength per pair wins in both).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from server.config import EventWeights
+from server.data import IdMap
+from server.errors import DataError
+from server.events import EVENTS_DIR, ReadReport, read_records
+
+PROGRESS_EVERY = 1_000_000  # records between progress lines while reading a log
+
+
+def strengths_by_kind(weights: EventWeights) -> dict[str, float]:
+    """The signed strength of each kind whose strength does not depend on a value."""
+    return {"like": weights.like, "dislike": weights.dislike, "skip": weights.skip}
+
+
+def rating_strength(value: float, threshold: float, weights: EventWeights) -> float:
+    """A rating's signed strength: positive at or above the threshold."""
+    return weights.rating_positive if value >= threshold else weights.rating_negative
+
+
+@dataclass(frozen=True, slots=True)
+class LogFeedback:
+    """A log's events as parallel arrays in seq order, with the users it created."""
+
+    users: np.ndarray  # int64 dense user index (existing users first, then new ones)
+    items: np.ndarray  # int64 dense item index
+    strengths: np.ndarray  # float32 signed strength
+    n_users: int  # users after the log: the given map plus the ones the log created
+    new_users: list[str]
+    report: ReadReport
+    last_event_id: str | None  # the id of the event at the watermark: which log this was
+    weights: EventWeights
+
+    @property
+    def watermark(self) -> int:
+        """The last seq read: what a model trained on this feedback has folded in."""
+        return self.report.last_seq
+
+
+def log_directory(path: Path) -> Path:
+    """The event log directory from either a server's state dir or the log dir itself."""
+    path = Path(path)
+    return path / EVENTS_DIR if (path / EVENTS_DIR).is_dir() else path
+
+
+def read_feedback(
+    path: Path, users: IdMap, items: IdMap, weights: EventWeights, threshold: float,
+    out: TextIO = sys.stderr,
+) -> LogFeedback:  # fmt: skip
+    """Every complete event of a log as training feedback; an item outside the catalogue is
+    refused with the segment directory and seq (the log belongs to another catalogue)."""
+    directory = log_directory(path)
+    report, batches = read_records(directory)
+    if report.first_seq > 1:
+        raise DataError(
+            str(directory), None,
+            f"the log starts at seq {report.first_seq}: events 1..{report.first_seq - 1} were "
+            "dropped, so a model trained on the dataset and this log would miss them",
+        )  # fmt: skip
+    fixed = strengths_by_kind(weights)
+    known = len(users)
+    user_ix: list[int] = []
+    item_ix: list[int] = []
+    strength: list[float] = []
+    add_user, item_get = users.add, items.get
+    done = 0
+    last_id: str | None = None
+    for batch in batches:
+        for record in batch:
+            item = item_get(record.item_id)
+            if item is None:
+                raise DataError(
+                    str(directory), None,
+                    f"event seq {record.seq} names item {record.item_id!r}, which is not in the "
+                    "dataset's catalogue (a log written for another catalogue?)",
+                )  # fmt: skip
+            value = fixed.get(record.kind)
+            if value is None:
+                if record.value is None:
+                    problem = f"event seq {record.seq}: a rating without a value"
+                    raise DataError(str(directory), None, problem)
+                value = rating_strength(record.value, threshold, weights)
+            user_ix.append(add_user(record.user_id))
+            item_ix.append(item)
+            strength.append(value)
+        last_id = batch[-1].event_id
+        if done // PROGRESS_EVERY != (done + len(batch)) // PROGRESS_EVERY:
+            print(f"log: {done + len(batch):,} of {report.last_seq - report.first_seq + 1:,} "
+                  "events read", file=out, flush=True)  # fmt: skip
+        done += len(batch)
+    new_users = users.external(np.arange(known, len(users)))
+    return LogFeedback(
+        users=np.asarray(user_ix, np.int64),
+        items=np.asarray(item_ix, np.int64),
+        strengths=np.asarray(strength, np.float32),
+        n_users=len(users),
+        new_users=new_users,
+        report=report,
+        last_event_id=last_id,
+        weights=weights,
+    )

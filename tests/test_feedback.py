@@ -1,0 +1,285 @@
+"""Training on a server's event log: the weighted graph merge, the lock-free log reader, and the
+round trip live state -> ``train --events`` -> a restart that replays nothing and serves the same
+users exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.artifacts import MANIFEST, load_artifact
+from server.config import EventWeights, Hyper, load_config
+from server.data import IdMap, Interactions
+from server.errors import ArtifactError, DataError, LogCorruptError
+from server.events import EventLog, NewEvent, read_records, segment_name
+from server.feedback import read_feedback
+from server.graph import build_graph, with_feedback
+from server.state import LiveState
+from tests.conftest import N_ITEMS, N_USERS, THRESHOLD, TinyDataset, known_training_warnings_ignored
+
+# -- the graph merge --------------------------------------------------------------------------
+
+pairs = st.tuples(st.integers(0, 5), st.integers(0, 6))
+strengths = st.sampled_from([1.0, -1.0, -0.25, 0.5, 0.0, 2.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(pairs, st.sampled_from([1.0, 5.0])), max_size=25),
+    events=st.lists(
+        st.tuples(st.tuples(st.integers(0, 8), st.integers(0, 6)), strengths), max_size=30
+    ),
+)
+def test_with_feedback_is_the_latest_strength_per_pair(
+    rows: list[tuple[tuple[int, int], float]], events: list[tuple[tuple[int, int], float]]
+) -> None:
+    """The merged graph holds, per pair, the last strength given to it (0 removes the pair):
+    what the live state's dict holds after the same rows and events."""
+    n_users, n_items = 6, 7
+    interactions = Interactions(
+        np.asarray([u for (u, _), _ in rows], np.int32),
+        np.asarray([i for (_, i), _ in rows], np.int32),
+        np.asarray([r for _, r in rows], np.float32),
+    )
+    graph = build_graph(interactions, 4.0, n_users, n_items)
+    merged = with_feedback(
+        graph,
+        np.asarray([u for (u, _), _ in events], np.int64),
+        np.asarray([i for (_, i), _ in events], np.int64),
+        np.asarray([s for _, s in events], np.float32),
+        9,
+    )
+    expected: dict[tuple[int, int], float] = {}
+    for pair, rating in rows:
+        expected[pair] = 1.0 if rating >= 4.0 else -1.0
+    for pair, strength in events:
+        expected[pair] = strength
+    expected = {pair: s for pair, s in expected.items() if s != 0}
+    users, items, signed = merged.edges()
+    assert merged.n_users == 9
+    assert dict(zip(zip(users.tolist(), items.tolist(), strict=True), signed.tolist(),
+                    strict=True)) == expected  # fmt: skip
+    assert np.all(merged.pos_weights > 0)
+    assert np.all(merged.neg_weights > 0)
+    for sign in ("pos", "neg"):  # CSR rows sorted by item, as the server's fold expects
+        indptr, cols = getattr(merged, f"{sign}_indptr"), getattr(merged, f"{sign}_items")
+        for u in range(merged.n_users):
+            row = cols[indptr[u] : indptr[u + 1]]
+            assert np.all(np.diff(row) > 0)
+
+
+# -- reading a log without its lock ------------------------------------------------------------
+
+
+def _event(n: int, user: str = "0", item: str = "3", kind: str = "like") -> NewEvent:
+    value = 5.0 if kind == "rating" else None
+    return NewEvent(event_id=f"e{n}", user_id=user, item_id=item, kind=kind, ts=float(n),
+                    value=value)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_log_is_read_while_its_server_holds_it(tmp_path: Path) -> None:
+    """Every complete record comes back in order while the log is open for writing; a record
+    being written (a partial one at the end) is left out and reported, not an error."""
+    config = load_config(env={"SIGNEDREC_LOG__SEGMENT_BYTES": "300"}).log  # several segments
+    log, _ = EventLog.open(tmp_path / "events", config)
+    for n in range(1, 21):  # one commit each: a segment rolls over between commits
+        log.append_sync([_event(n)])
+    report, batches = read_records(tmp_path / "events", batch_size=7)
+    records = [r for batch in batches for r in batch]
+    assert [r.seq for r in records] == list(range(1, 21))
+    assert [r.event_id for r in records] == [f"e{n}" for n in range(1, 21)]
+    assert report.segments > 1
+    assert report.unread_tail is None
+    assert report.last_seq == 20
+    last = sorted((tmp_path / "events").glob("events-*.log"))[-1]
+    with last.open("ab") as handle:  # half of a record, as if its write were in flight
+        handle.write(b"SRv1\x10\x00")
+    report, batches = read_records(tmp_path / "events")
+    assert sum(len(b) for b in batches) == 20
+    assert report.last_seq == 20
+    assert "partial header" in (report.unread_tail or "")
+    log.close_sync()
+
+
+def test_damage_before_the_end_of_a_log_is_refused(tmp_path: Path) -> None:
+    config = load_config(env={"SIGNEDREC_LOG__SEGMENT_BYTES": "300"}).log
+    log, _ = EventLog.open(tmp_path / "events", config)
+    for n in range(1, 21):
+        log.append_sync([_event(n)])
+    log.close_sync()
+    first = tmp_path / "events" / segment_name(1)
+    data = bytearray(first.read_bytes())
+    data[30] ^= 0xFF
+    first.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptError, match="the log is damaged") as caught:
+        read_records(tmp_path / "events")
+    assert caught.value.detail["file"] == str(first)
+
+
+def test_read_feedback_maps_kinds_and_creates_users(tmp_path: Path) -> None:
+    log, _ = EventLog.open(tmp_path / "events", load_config(env={}).log)
+    log.append_sync([_event(1, "0", "3", "like"), _event(2, "new", "4", "skip"),
+                     _event(3, "1", "5", "rating"), _event(4, "new", "4", "dislike")])  # fmt: skip
+    log.close_sync()
+    weights = EventWeights(skip=-0.3)
+    users = IdMap.dense(2)
+    feedback = read_feedback(tmp_path, users, IdMap.dense(8), weights, 4.0, io.StringIO())
+    assert feedback.users.tolist() == [0, 2, 1, 2]
+    assert feedback.items.tolist() == [3, 4, 5, 4]
+    assert feedback.strengths.tolist() == pytest.approx([1.0, -0.3, 1.0, -1.0])
+    assert feedback.new_users == ["new"]
+    assert feedback.n_users == 3
+    assert feedback.watermark == 4
+    assert feedback.last_event_id == "e4"
+
+
+def test_an_item_outside_the_catalogue_names_the_event(tmp_path: Path) -> None:
+    log, _ = EventLog.open(tmp_path / "events", load_config(env={}).log)
+    log.append_sync([_event(1, "0", "3"), _event(2, "0", "99")])
+    log.close_sync()
+    with pytest.raises(DataError, match="event seq 2 names item '99'"):
+        read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
+
+
+def test_a_log_missing_its_first_events_is_refused(tmp_path: Path) -> None:
+    config = load_config(env={"SIGNEDREC_LOG__SEGMENT_BYTES": "300"}).log
+    log, _ = EventLog.open(tmp_path / "events", config)
+    for n in range(1, 21):
+        log.append_sync([_event(n)])
+    assert log.drop_segments_before(10) > 0
+    log.close_sync()
+    with pytest.raises(DataError, match="were dropped"):
+        read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
+
+
+# -- the round trip ---------------------------------------------------------------------------
+
+ONLINE = [
+    ("a", "0", str(N_ITEMS - 1), "like", None),  # cluster 0 user likes a cluster 1 item
+    ("b", "new", "3", "like", None),  # a user the dataset does not have
+    ("c", "new", "4", "skip", None),
+    ("d", "1", "6", "rating", 2.0),
+    ("e", "1", "6", "rating", 5.0),  # a change of mind: the latest wins
+    ("f", "2", "9", "dislike", None),
+    ("s", "3", "10", "skip", None),  # stays: a weak dislike, weight 0.25 in the trained graph
+    ("g", "new", "4", "like", None),
+]
+
+
+def _live(artifact: Path, state_dir: Path) -> LiveState:
+    state = LiveState(artifact, state_dir, load_config(env={}))
+    state.open_log()
+    return state
+
+
+def _post(state: LiveState, events: list[tuple[str, str, str, str, float | None]]) -> None:
+    new = [NewEvent(event_id=e, user_id=u, item_id=i, kind=k, ts=1.0, value=v)  # type: ignore[arg-type]
+           for e, u, i, k, v in events]  # fmt: skip
+    state.apply(state.log.append_sync(new))  # type: ignore[union-attr]
+
+
+def _retrain(tiny_dataset: TinyDataset, tiny_artifact: Path, state_dir: Path, root: Path) -> Path:
+    hyper = load_artifact(tiny_artifact).manifest["model"]["hyper"]
+    with known_training_warnings_ignored():
+        from server.train import train
+
+        return train(tiny_dataset.path, THRESHOLD, root, tiny_dataset.model, out=io.StringIO(),
+                     fixed=Hyper(**hyper), events=state_dir, weights=EventWeights())  # fmt: skip
+
+
+@pytest.fixture
+def retrained(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> tuple[LiveState, Path]:
+    """A live state on the tiny artifact after ONLINE, closed, and a model trained on its log."""
+    live = _live(tiny_artifact, tmp_path / "state")
+    _post(live, ONLINE)
+    asyncio.run(live.close())
+    return live, _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root")
+
+
+def test_a_model_trained_on_the_log_holds_the_live_graph(
+    retrained: tuple[LiveState, Path], tmp_path: Path
+) -> None:
+    """Restarting on it replays nothing, every user has the feedback the live server had, and
+    every served vector is the new model's fold of that feedback (the model contract)."""
+    live, artifact = retrained
+    manifest = load_artifact(artifact).manifest
+    assert manifest["watermark"] == len(ONLINE)
+    assert manifest["schema_version"] == 2
+    assert manifest["log"]["new_users"] == 1
+    assert manifest["log"]["last_event_id"] == "g"
+    restarted = _live(artifact, tmp_path / "state")
+    assert restarted.events_applied == 0
+    assert restarted.applied_seq == len(ONLINE)
+    assert restarted.users.get("new") == N_USERS  # the log's new user is a trained user now
+    for user in ["0", "1", "2", "new", "5"]:
+        old, new = live.users.get(user), restarted.users.get(user)
+        assert old is not None
+        assert new is not None
+        assert restarted._user_feedback(new).strength == live._user_feedback(old).strength
+    assert restarted._user_feedback(1).strength[6] == 1.0  # the rating's change of mind
+    assert restarted._user_feedback(N_USERS).strength == {3: 1.0, 4: 1.0}
+    assert restarted._user_feedback(3).strength[10] == -0.25
+    table, neg_weight = restarted.item_side.table, restarted.item_side.neg_weight
+    for user in range(len(restarted.users)):
+        strength = restarted._user_feedback(user).strength
+        items = np.fromiter(strength, np.int64)
+        weights = np.asarray([LiveState.fold_weight(s, neg_weight) for s in strength.values()])
+        expected = weights @ table[items] if len(items) else np.zeros(table.shape[1])
+        np.testing.assert_allclose(restarted.vectors[user], expected, rtol=1e-5, atol=1e-5)
+    assert restarted.recommend_many(["2"], 8)[0].items.count("9") == 0  # still disliked
+    asyncio.run(restarted.close())
+
+
+def test_events_after_the_watermark_replay_and_earlier_ids_stay_duplicates(
+    retrained: tuple[LiveState, Path], tmp_path: Path
+) -> None:
+    _, artifact = retrained
+    state = _live(artifact, tmp_path / "state")
+    retry = NewEvent(event_id="c", user_id="new", item_id="4", kind="skip", ts=2.0)
+    assert state.split_duplicates([retry])[1] == 1  # trained on, never applied twice
+    _post(state, [("h", "new", "5", "dislike", None)])
+    expected = state.vectors[state.users.get("new")].copy()
+    state.log.close_sync()  # type: ignore[union-attr]  # a crash: no snapshot on the way out
+    restarted = _live(artifact, tmp_path / "state")
+    assert restarted.events_applied == 1  # only the event after the watermark
+    np.testing.assert_allclose(restarted.vectors[N_USERS], expected, rtol=1e-5, atol=1e-6)
+    asyncio.run(restarted.close())
+
+
+def test_a_model_trained_on_another_log_is_refused(
+    retrained: tuple[LiveState, Path], tiny_artifact: Path, tmp_path: Path
+) -> None:
+    _, artifact = retrained
+    shorter = _live(tiny_artifact, tmp_path / "shorter")
+    _post(shorter, ONLINE[:3])
+    asyncio.run(shorter.close())
+    with pytest.raises(ArtifactError, match="ends at seq 3"):
+        LiveState(artifact, tmp_path / "shorter", load_config(env={})).open_log()
+    other = _live(tiny_artifact, tmp_path / "other")
+    _post(other, [(f"x{n}", "0", "3", "like", None) for n in range(len(ONLINE))])
+    asyncio.run(other.close())
+    with pytest.raises(ArtifactError, match="whose event 8 is 'g'"):
+        LiveState(artifact, tmp_path / "other", load_config(env={})).open_log()
+    # Refused without taking the log with it: the right state still opens.
+    reopened = _live(tiny_artifact, tmp_path / "other")
+    assert reopened.applied_seq == len(ONLINE)
+    asyncio.run(reopened.close())
+
+
+def test_retraining_without_events_writes_unit_weights(tiny_artifact: Path) -> None:
+    artifact = load_artifact(tiny_artifact)
+    assert artifact.watermark == 0
+    assert "log" not in artifact.manifest
+    assert np.all(artifact.arrays["pos_weights"] == 1)
+    assert np.all(artifact.arrays["neg_weights"] == 1)
+    files = json.loads((artifact.path / MANIFEST).read_text())["files"]
+    assert {"pos_weights.npy", "neg_weights.npy"} <= set(files)
