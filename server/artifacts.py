@@ -15,6 +15,7 @@ import numpy as np
 
 from server.durable import fsync_dir
 from server.errors import ArtifactError
+from server.graph import SignedGraph
 
 # 2 added the trained graph's edge weights (feedback folded in from an event log); a version 1
 # artifact is read as every edge weighing 1, which is what its trainer used.
@@ -81,6 +82,13 @@ class Artifact:
             if not np.all(self.arrays[name] == 1.0):
                 digest.update(files[f"{name}.npy"]["sha256"].encode())
         return digest.hexdigest()
+
+    def trained_graph(self) -> SignedGraph:
+        """The signed graph the model was trained on (dataset rows and any logged feedback)."""
+        a = self.arrays
+        return SignedGraph(len(a["user_ids"]), len(a["item_ids"]), a["pos_indptr"],
+                           a["pos_items"], a["neg_indptr"], a["neg_items"], a["pos_weights"],
+                           a["neg_weights"])  # fmt: skip
 
     @property
     def watermark(self) -> int:

@@ -39,8 +39,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{source}/manifest.json: no usable model.hyper ({type(exc).__name__}: {exc})"
             ) from None
     events = None if args.events is None else Path(args.events)
+    since = None if args.since is None else Path(args.since)
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed,
-                 events=events, weights=config.events)  # fmt: skip
+                 events=events, weights=config.events, since=since)  # fmt: skip
     print(path)
     return 0
 
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also train on a server's logged feedback (its state dir or event log dir, read "
         "without stopping it); the server then replays only later events",
+    )
+    p.add_argument(
+        "--since",
+        default=None,
+        help="with --events: start from this version's graph (same data, same log) and read "
+        "only the events after its watermark; needed once the log's old segments are dropped",
     )
     p.set_defaults(func=_cmd_train)
 

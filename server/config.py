@@ -149,6 +149,11 @@ class EventLogConfig(Base):
     # Idempotency: a repeated event_id among this many most recent acceptances is acknowledged,
     # not applied; older ids are forgotten so memory stays bounded (~160 bytes per 32-char id).
     dedup_window: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
+    # "trained": once every model version under the artifact root was trained on a log segment
+    # (`signedrec train --events`, the manifest's watermark) and it is older than the dedup
+    # window, the server deletes it at start and after a reload; a restart on any of those
+    # versions, and `train --events --since` the newest, never read it. "all": keep every event.
+    retention: Literal["all", "trained"] = "all"
 
 
 class ServerConfig(Base):

@@ -59,18 +59,26 @@ def log_directory(path: Path) -> Path:
 
 def read_feedback(
     path: Path, users: IdMap, items: IdMap, weights: EventWeights, threshold: float,
-    out: TextIO = sys.stderr,
+    out: TextIO = sys.stderr, after_seq: int = 0, after_event_id: str | None = None,
 ) -> LogFeedback:  # fmt: skip
-    """Every complete event of a log as training feedback; an item outside the catalogue is
-    refused with the segment directory and seq (the log belongs to another catalogue)."""
+    """The complete events of a log after ``after_seq`` (a base version's watermark, whose event
+    there must be ``after_event_id``) as training feedback. An item outside the catalogue, or a
+    log that lacks events the model needs, is refused naming the log and the seq."""
     directory = log_directory(path)
     report, batches = read_records(directory)
-    if report.first_seq > 1:
-        raise DataError(
-            str(directory), None,
-            f"the log starts at seq {report.first_seq}: events 1..{report.first_seq - 1} were "
-            "dropped, so a model trained on the dataset and this log would miss them",
-        )  # fmt: skip
+
+    def refuse(problem: str) -> DataError:
+        return DataError(str(directory), None, problem)
+
+    if report.first_seq > after_seq + 1:
+        raise refuse(
+            f"the log starts at seq {report.first_seq}: events {after_seq + 1}.."
+            f"{report.first_seq - 1} were dropped, so the model would miss them"
+            + ("" if after_seq else " (train --since a version that holds them)")
+        )
+    if report.last_seq < after_seq:
+        raise refuse(f"the log ends at seq {report.last_seq}, before the base version's "
+                     f"watermark {after_seq}: it is another server's log")  # fmt: skip
     fixed = strengths_by_kind(weights)
     known = len(users)
     user_ix: list[int] = []
@@ -78,26 +86,31 @@ def read_feedback(
     strength: list[float] = []
     add_user, item_get = users.add, items.get
     done = 0
-    last_id: str | None = None
+    last_id = after_event_id
     for batch in batches:
         for record in batch:
+            if record.seq <= after_seq:
+                if record.seq == after_seq and after_event_id not in (None, record.event_id):
+                    raise refuse(f"event seq {after_seq} is {record.event_id!r}, but the base "
+                                 f"version was trained up to {after_event_id!r} there: it is "
+                                 "another server's log")  # fmt: skip
+                continue
             item = item_get(record.item_id)
             if item is None:
-                raise DataError(
-                    str(directory), None,
+                raise refuse(
                     f"event seq {record.seq} names item {record.item_id!r}, which is not in the "
-                    "dataset's catalogue (a log written for another catalogue?)",
-                )  # fmt: skip
+                    "dataset's catalogue (a log written for another catalogue?)"
+                )
             value = fixed.get(record.kind)
             if value is None:
                 if record.value is None:
-                    problem = f"event seq {record.seq}: a rating without a value"
-                    raise DataError(str(directory), None, problem)
+                    raise refuse(f"event seq {record.seq}: a rating without a value")
                 value = rating_strength(record.value, threshold, weights)
             user_ix.append(add_user(record.user_id))
             item_ix.append(item)
             strength.append(value)
-        last_id = batch[-1].event_id
+        if batch[-1].seq > after_seq:
+            last_id = batch[-1].event_id
         if done // PROGRESS_EVERY != (done + len(batch)) // PROGRESS_EVERY:
             print(f"log: {done + len(batch):,} of {report.last_seq - report.first_seq + 1:,} "
                   "events read", file=out, flush=True)  # fmt: skip

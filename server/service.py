@@ -97,6 +97,7 @@ class Service:
         # start is quick and this one's ready is not delayed.
         self.maybe_snapshot(state)
         self.state = state
+        await self.prune_log(state)
         tune_gc(self.config.server)
         log.info("ready: model %s, %d users", state.item_side.version, state.user_count())
 
@@ -200,6 +201,30 @@ class Service:
             await self._save_rollout()
             self.metrics.model.clear()
             self.metrics.model.labels(side.version).set(1)
+        await self.prune_log(state)
+
+    async def prune_log(self, state: LiveState) -> None:
+        """Under ``log.retention = "trained"``, delete the log segments that every version under
+        the root was trained on, beyond the idempotency window (a failure only costs disk)."""
+        if self.config.log.retention != "trained" or state.log is None:
+            return
+        try:
+            marks = [int(read_manifest(self.root / v).get("watermark", 0))
+                     for v in list_versions(self.root)]  # fmt: skip
+        except (ArtifactError, OSError, ValueError) as exc:
+            log.warning("log retention skipped: a version's manifest is unreadable: %s", exc)
+            return
+        bound = min(marks, default=0) - self.config.log.dedup_window
+        if bound <= 0:
+            return
+        try:
+            dropped = await asyncio.to_thread(state.log.drop_segments_before, bound)
+        except SignedrecError as exc:
+            log.warning("log retention failed: %s", exc)
+            return
+        if dropped:
+            log.info("dropped %d log segments with events up to seq %d: every version under %s "
+                     "was trained on them", dropped, bound, self.root)  # fmt: skip
 
     async def _save_rollout(self) -> None:
         """Persist the pinned version and rollback stack; a failure only costs them on restart."""

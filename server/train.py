@@ -23,9 +23,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.artifacts import Artifact, save_artifact
+from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import EventWeights, Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
+from server.errors import ArtifactError
 from server.evaluate import (
     Truth,
     evaluate_scores,
@@ -33,7 +34,7 @@ from server.evaluate import (
     ground_truth,
     interaction_matrix,
 )
-from server.feedback import LogFeedback, read_feedback
+from server.feedback import read_feedback
 from server.graph import SignedGraph, build_graph, with_feedback
 from server.model import SignedGraphModel, factorise
 from server.propensity import Propensity
@@ -364,13 +365,16 @@ def train(
     fixed: Hyper | None = None,
     events: Path | None = None,
     weights: EventWeights | None = None,
+    since: Path | None = None,
 ) -> Path:
     """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
 
     With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data). With
     ``events`` (a server's state dir or its log) the train graph also holds every event of that
     log, weighted by ``weights`` as the server folds them, and the artifact's watermark is the
-    last seq read: a server on that state replays only what came after it.
+    last seq read: a server on that state replays only what came after it. With ``since`` (a
+    version trained on the same data and log) training starts from that version's graph and
+    reads only the events after its watermark, so the log's older segments may be gone.
     """
     started = time.perf_counter()
     pin_malloc_threshold()
@@ -385,15 +389,31 @@ def train(
     )
     graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
     users = IdMap.dense(dataset.n_users)
+    after, after_id = 0, None
+    if since is not None:
+        if events is None:
+            raise ArtifactError("training --since a version needs --events: the log after it")
+        base = load_artifact(since)
+        if base.manifest["dataset"].get("fingerprint") != dataset.fingerprint:
+            raise ArtifactError(f"{base.path} was trained on other data than {data_dir} (dataset "
+                                "fingerprints differ)")  # fmt: skip
+        if base.threshold != threshold:
+            raise ArtifactError(f"{base.path} was trained with threshold {base.threshold}, not "
+                                f"{threshold}")  # fmt: skip
+        graph, users = base.trained_graph(), IdMap(base.arrays["user_ids"])
+        after, after_id = base.watermark, base.manifest.get("log", {}).get("last_event_id")
+        print(f"starting from {base.path}: its graph holds the log up to seq {after}", file=out,
+              flush=True)  # fmt: skip
     feedback = None
     if events is not None:
         feedback = read_feedback(events, users, IdMap.dense(dataset.n_items),
-                                 weights or EventWeights(), threshold, out)  # fmt: skip
+                                 weights or EventWeights(), threshold, out, after,
+                                 after_id)  # fmt: skip
         graph = with_feedback(graph, feedback.users, feedback.items, feedback.strengths,
                               feedback.n_users)  # fmt: skip
         report = feedback.report
         print(
-            f"log {report.directory}: {len(feedback.strengths)} events, seq {report.first_seq}.."
+            f"log {report.directory}: {len(feedback.strengths)} events, seq {after + 1}.."
             f"{report.last_seq} ({len(feedback.new_users)} new users)"
             + (f"; left out a partial record at its end: {report.unread_tail}"
                if report.unread_tail else ""),
@@ -443,7 +463,20 @@ def train(
         "propensity_prior": config.propensity_prior,
         "propensity_valid": propensity,
     }
-    return export(dataset, graph, users, feedback, best, item_table, item_vectors, metrics,
+    log_info = None
+    if feedback is not None:
+        log_info = {
+            "directory": feedback.report.directory,
+            "events": len(feedback.strengths),
+            "first_seq": after + 1,
+            "last_seq": feedback.watermark,
+            "last_event_id": feedback.last_event_id,
+            "new_users": len(feedback.new_users),
+            "since": None if since is None else Path(since).name,
+            "users": graph.n_users,
+            "weights": msgspec.to_builtins(feedback.weights),
+        }
+    return export(dataset, graph, users, log_info, best, item_table, item_vectors, metrics,
                   trials, ranking, seconds, out_dir)  # fmt: skip
 
 
@@ -451,7 +484,7 @@ def export(
     dataset: Dataset,
     graph: SignedGraph,
     users: IdMap,
-    feedback: LogFeedback | None,
+    log_info: dict[str, Any] | None,
     hyper: Hyper,
     item_table: np.ndarray,
     item_vectors: np.ndarray,
@@ -496,17 +529,8 @@ def export(
         "ranking": ranking,
         "train_seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "watermark": 0 if feedback is None else feedback.watermark,
+        "watermark": 0 if log_info is None else log_info["last_seq"],
     }
-    if feedback is not None:
-        manifest["log"] = {
-            "directory": feedback.report.directory,
-            "events": len(feedback.strengths),
-            "first_seq": feedback.report.first_seq,
-            "last_seq": feedback.report.last_seq,
-            "last_event_id": feedback.last_event_id,
-            "new_users": len(feedback.new_users),
-            "users": graph.n_users,
-            "weights": msgspec.to_builtins(feedback.weights),
-        }
+    if log_info is not None:
+        manifest["log"] = log_info
     return save_artifact(Path(out_dir), arrays, manifest)

@@ -384,3 +384,73 @@ def test_retrain_on_the_servers_log_then_restart_on_it(
     finally:
         third.stop()
     assert "replayed 1 events" in third.log_path.read_text()
+
+
+def _train_on_log(
+    tiny_dataset: TinyDataset, root: Path, state: Path, base: Path, *since: str
+) -> subprocess.CompletedProcess[str]:
+    """`signedrec train --events STATE` with ``base``'s hyper-parameters (no search)."""
+    config = state.parent / "tiny.toml"
+    config.write_text(tiny_dataset.model_toml)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "train", "--data", str(tiny_dataset.path),
+         "--threshold", str(tiny_dataset.threshold), "--out", str(root), "--config", str(config),
+         "--hyper-from", str(base), "--events", str(state), *since],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_log_retention_drops_only_what_every_version_was_trained_on(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """With log.retention = "trained" a restart deletes the segments every version under the
+    root holds (beyond the dedup window): none while a version trained without the log is
+    there, some once it is removed; later versions train `--since` the newest, and a plain
+    `--events` on the shortened log is refused."""
+    root, state = tmp_path / "artifacts", tmp_path / "state"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    env = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__RETENTION": "trained",
+           "SIGNEDREC_LOG__DEDUP_WINDOW": "2"}  # fmt: skip
+    srv = _server(root, state, env)
+    events = [_event(str(n % 5), str(n + 8), "like" if n % 3 else "dislike") for n in range(12)]
+    for event in events:  # one commit each, so the log rolls over into several segments
+        assert srv.client.post("/v1/feedback", json=[event]).json()["accepted"] == 1
+    trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
+    assert trained.returncode == 0, trained.stderr
+    b_version = Path(trained.stdout.strip().splitlines()[-1]).name
+    srv.stop()
+    segments = sorted((state / "events").glob("events-*.log"))
+    assert len(segments) > 3
+
+    _server(root, state, env).stop()  # the first version (watermark 0) still needs every event
+    assert sorted((state / "events").glob("events-*.log")) == segments
+
+    shutil.rmtree(root / tiny_artifact.name)
+    third = _server(root, state, env)
+    try:
+        kept = sorted((state / "events").glob("events-*.log"))
+        assert segments[0] not in kept
+        assert int(kept[0].name[7:27]) <= len(events) - 2 + 1  # the dedup window is kept
+        retry = third.client.post("/v1/feedback", json=[events[-1]]).json()
+        assert retry == {"accepted": 0, "duplicates": 1}
+        late = [_event("online", "3", "like"), _event("0", "4", "dislike")]
+        assert third.client.post("/v1/feedback", json=late).json()["accepted"] == 2
+    finally:
+        third.stop()
+    assert "log segments with events up to seq 10" in third.log_path.read_text()
+
+    plain = _train_on_log(tiny_dataset, root, state, root / b_version)
+    assert plain.returncode == 2
+    assert "were dropped" in plain.stderr
+    assert "--since" in plain.stderr
+    since = _train_on_log(tiny_dataset, root, state, root / b_version, "--since",
+                          str(root / b_version))  # fmt: skip
+    assert since.returncode == 0, since.stderr
+    assert "2 events, seq 13..14 (1 new users)" in since.stderr
+    fourth = _server(root, state, env)
+    try:
+        assert _model(fourth)["active"] == Path(since.stdout.strip().splitlines()[-1]).name
+        assert "4" not in _ids(_recs(fourth, "0"))
+    finally:
+        fourth.stop()
+    assert "replayed 0 events" in fourth.log_path.read_text()
