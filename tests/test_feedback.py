@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,40 @@ def test_retraining_without_events_writes_unit_weights(tiny_artifact: Path) -> N
     assert np.all(artifact.arrays["neg_weights"] == 1)
     files = json.loads((artifact.path / MANIFEST).read_text())["files"]
     assert {"pos_weights.npy", "neg_weights.npy"} <= set(files)
+
+
+def test_reading_after_a_watermark_checks_the_log_is_the_same(tmp_path: Path) -> None:
+    log, _ = EventLog.open(tmp_path / "events", load_config(env={}).log)
+    log.append_sync([_event(n, "0", str(n)) for n in range(1, 5)])
+    log.close_sync()
+    read = read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0,
+                         io.StringIO(), after_seq=2, after_event_id="e2")  # fmt: skip
+    assert read.items.tolist() == [3, 4]
+    assert read.watermark == 4
+    with pytest.raises(DataError, match=r"event seq 2 is 'e2'.*another server's log"):
+        read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0,
+                      io.StringIO(), after_seq=2, after_event_id="other")  # fmt: skip
+    with pytest.raises(DataError, match="ends at seq 4, before the base version's watermark 9"):
+        read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0,
+                      io.StringIO(), after_seq=9)  # fmt: skip
+    nothing_new = read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0,
+                                io.StringIO(), after_seq=4, after_event_id="e4")  # fmt: skip
+    assert len(nothing_new.strengths) == 0
+    assert nothing_new.last_event_id == "e4"
+
+
+def test_since_a_version_of_other_data_is_refused(
+    tiny_dataset: TinyDataset,
+    tiny_artifact: Path,
+    dataset_factory: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    other = dataset_factory("other", train="0 1 5\n1 2 1\n")
+    log, _ = EventLog.open(tmp_path / "state" / "events", load_config(env={}).log)
+    log.close_sync()
+    with known_training_warnings_ignored():
+        from server.train import train
+
+        with pytest.raises(ArtifactError, match="other data"):
+            train(other, THRESHOLD, tmp_path / "root", tiny_dataset.model, out=io.StringIO(),
+                  events=tmp_path / "state", since=tiny_artifact)  # fmt: skip
