@@ -96,7 +96,9 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     for version in list_versions(root):
         manifest = read_manifest(root / version)
         test = manifest.get("metrics", {}).get("test", {})
-        print(version, f"ndcg@20(test)={test.get('ndcg@20', float('nan')):.4f}")
+        # The watermark tells an operator which logged events a version holds (log retention).
+        print(version, f"ndcg@20(test)={test.get('ndcg@20', float('nan')):.4f}",
+              f"watermark={int(manifest.get('watermark', 0))}")  # fmt: skip
     return 0
 
 

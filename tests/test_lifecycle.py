@@ -425,6 +425,10 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
     _server(root, state, env).stop()  # the first version (watermark 0) still needs every event
     assert sorted((state / "events").glob("events-*.log")) == segments
 
+    listed = subprocess.run([sys.executable, "-m", "server.cli", "versions", str(root)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert [line.split()[-1] for line in listed.stdout.splitlines()] == [
+        "watermark=0", f"watermark={len(events)}"]  # fmt: skip
     shutil.rmtree(root / tiny_artifact.name)
     third = _server(root, state, env)
     try:
