@@ -22,10 +22,11 @@ DEFAULT_THRESHOLD = 4.0
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from server.config import load_config
-    from server.train import train
+    from server.train import RankingChoice, train
 
     config = load_config(args.config)
     fixed = None
+    fixed_ranking = None
     if args.hyper_from is not None:
         from server.artifacts import read_manifest, resolve
         from server.config import Hyper
@@ -33,15 +34,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         source = resolve(Path(args.hyper_from))
         try:
-            fixed = msgspec.convert(read_manifest(source)["model"]["hyper"], Hyper, strict=False)
-        except (KeyError, TypeError, msgspec.ValidationError) as exc:
+            manifest = read_manifest(source)
+            fixed = msgspec.convert(manifest["model"]["hyper"], Hyper, strict=False)
+            fixed_ranking = RankingChoice.of(manifest, config.model)
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
             raise ArtifactError(
                 f"{source}/manifest.json: no usable model.hyper ({type(exc).__name__}: {exc})"
             ) from None
     events = None if args.events is None else Path(args.events)
     since = None if args.since is None else Path(args.since)
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed,
-                 events=events, weights=config.events, since=since)  # fmt: skip
+                 events=events, weights=config.events, since=since,
+                 fixed_ranking=fixed_ranking)  # fmt: skip
     print(path)
     return 0
 
@@ -142,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact root; a new version is written under it")
     p.add_argument("--config", type=Path, default=None, help="TOML config file")
     p.add_argument(
-        "--hyper-from", default=None, help="refit with this artifact's hyper-parameters, no search"
+        "--hyper-from",
+        default=None,
+        help="refit with this artifact's hyper-parameters and serving strengths, no search",
     )
     p.add_argument(
         "--events",

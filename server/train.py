@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,8 +26,8 @@ import torch
 
 from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import EventWeights, Hyper, ModelConfig
-from server.data import Dataset, IdMap, load_dataset
-from server.errors import ArtifactError
+from server.data import Dataset, IdMap, Interactions, load_dataset
+from server.errors import ArtifactError, DataError
 from server.evaluate import (
     Truth,
     evaluate_scores,
@@ -356,6 +357,32 @@ def fit(
     return best, trials, item_table, item_vectors, model.z
 
 
+@dataclass(frozen=True, slots=True)
+class RankingChoice:
+    """The serving strengths training selects on valid: look-alike suppression and propensity."""
+
+    gamma: float
+    beta: float
+    prior: float
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], config: ModelConfig) -> RankingChoice:
+        """An artifact's choice (older artifacts: no propensity, the configured prior)."""
+        ranking = manifest.get("ranking", {})
+        return cls(float(ranking.get("suppression_gamma", 0.0)),
+                   float(ranking.get("propensity_beta", 0.0)),
+                   float(ranking.get("propensity_prior", config.propensity_prior)))  # fmt: skip
+
+
+def _outside(split: Interactions, seen: sp.csr_matrix) -> tuple[Interactions, int]:
+    """The rows of a split whose pair the train graph does not hold, and how many it does."""
+    inside = np.asarray(seen[split.users, split.items]).ravel().astype(bool)
+    keep = ~inside
+    return Interactions(split.users[keep], split.items[keep], split.ratings[keep]), int(
+        inside.sum()
+    )
+
+
 def train(
     data_dir: Path,
     threshold: float,
@@ -366,10 +393,12 @@ def train(
     events: Path | None = None,
     weights: EventWeights | None = None,
     since: Path | None = None,
+    fixed_ranking: RankingChoice | None = None,
 ) -> Path:
     """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
 
-    With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data). With
+    With ``fixed`` hyper-parameters the search is skipped (a refit, e.g. on more data), and
+    with ``fixed_ranking`` the serving strengths are taken as they are, not selected. With
     ``events`` (a server's state dir or its log) the train graph also holds every event of that
     log, weighted by ``weights`` as the server folds them, and the artifact's watermark is the
     last seq read: a server on that state replays only what came after it. With ``since`` (a
@@ -421,7 +450,20 @@ def train(
         )  # fmt: skip
     # Masked: every pair in the train graph (dataset rows and logged feedback alike).
     masked = interaction_matrix(*graph.edges()[:2], graph.n_users, dataset.n_items)
-    valid_truth = ground_truth(dataset.valid, threshold, graph.n_users, dataset.n_items)
+    valid, test = dataset.valid, dataset.test
+    if feedback is not None:
+        # Logged feedback may hold valid or test pairs (a stream of them, say): those are train
+        # input now, so they leave the held-out truth rather than score as unreachable targets.
+        valid, in_valid = _outside(valid, masked)
+        test, in_test = (None, 0) if test is None else _outside(test, masked)
+        if in_valid or in_test:
+            print(f"{in_valid} valid and {in_test} test rows are in the train graph now (logged "
+                  "feedback): left out of selection and metrics", file=out, flush=True)  # fmt: skip
+        if len(valid) == 0 and (fixed is None or fixed_ranking is None):
+            raise DataError(str(Path(data_dir) / "valid.txt"), None,
+                            "every valid row is in the logged feedback, so nothing is left to "
+                            "select on: refit with --hyper-from a served version")  # fmt: skip
+    valid_truth = ground_truth(valid, threshold, graph.n_users, dataset.n_items)
     # The search's n x n caches live only inside fit(), freed before the served factors are used.
     best, trials, item_table, item_vectors, z = fit(graph, valid_truth, masked, config, out, fixed)
 
@@ -438,21 +480,31 @@ def train(
         return sink_rate(gamma, item_table, item_vectors, unit, z, negatives, fresh,
                          best.neg_weight, config.suppression_lookalikes)  # fmt: skip
 
-    gamma, suppression = select_suppression(
-        served, sink, unit, negatives, valid_truth, masked, config, out
-    )
-    suppressed = served_scores(item_table, item_vectors, graph, best.neg_weight, gamma, 0.0,
-                               config.propensity_prior)  # fmt: skip
-    beta, propensity = select_propensity(suppressed, graph, valid_truth, masked, config, out)
-    metrics = {"valid": evaluate_scores(served, valid_truth, masked)}
-    if dataset.test is not None:
-        test_truth = ground_truth(dataset.test, threshold, graph.n_users, dataset.n_items)
-        metrics["test"] = evaluate_scores(served, test_truth, masked)
+    prior = config.propensity_prior
+    suppression: list[dict[str, float]] = []
+    propensity: list[dict[str, float]] = []
+    if fixed_ranking is None:
+        gamma, suppression = select_suppression(
+            served, sink, unit, negatives, valid_truth, masked, config, out
+        )
+        suppressed = served_scores(item_table, item_vectors, graph, best.neg_weight, gamma, 0.0,
+                                   prior)  # fmt: skip
+        beta, propensity = select_propensity(suppressed, graph, valid_truth, masked, config, out)
+    else:
+        gamma, beta, prior = fixed_ranking.gamma, fixed_ranking.beta, fixed_ranking.prior
+        print(f"serving strengths kept: suppression gamma {gamma:g}, propensity beta {beta:g}",
+              file=out, flush=True)  # fmt: skip
+    metrics: dict[str, dict[str, float]] = {}
+    truths = {"valid": valid_truth}
+    if test is not None:
+        truths["test"] = ground_truth(test, threshold, graph.n_users, dataset.n_items)
+    for split, truth in truths.items():
+        if len(truth.users):  # a split wholly inside the logged feedback has no one to score
+            metrics[split] = evaluate_scores(served, truth, masked)
     seconds = time.perf_counter() - started
     print(
-        f"selected {best.as_dict()}; served rank {item_table.shape[1]}: valid ndcg@20="
-        f"{metrics['valid']['ndcg@20']:.4f}"
-        + (f", test ndcg@20={metrics['test']['ndcg@20']:.4f}" if "test" in metrics else ""),
+        f"selected {best.as_dict()}; served rank {item_table.shape[1]}"
+        + "".join(f", {split} ndcg@20={m['ndcg@20']:.4f}" for split, m in metrics.items()),
         file=out,
         flush=True,
     )
@@ -460,7 +512,7 @@ def train(
         "suppression_gamma": gamma,
         "suppression_valid": suppression,
         "propensity_beta": beta,
-        "propensity_prior": config.propensity_prior,
+        "propensity_prior": prior,
         "propensity_valid": propensity,
     }
     log_info = None

@@ -321,3 +321,35 @@ def test_since_a_version_of_other_data_is_refused(
         with pytest.raises(ArtifactError, match="other data"):
             train(other, THRESHOLD, tmp_path / "root", tiny_dataset.model, out=io.StringIO(),
                   events=tmp_path / "state", since=tiny_artifact)  # fmt: skip
+
+
+def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Streamed valid rows in the log are train input: they leave the held-out truth, a search
+    on them is refused, and a refit (--hyper-from) keeps its source's serving strengths instead
+    of picking them on a split it trained on (which chose the largest, as every row scored 0)."""
+    live = _live(tiny_artifact, tmp_path / "state")
+    valid = tiny_dataset.rows["valid"]
+    _post(live, [(f"v{n}", str(u), str(i), "rating", float(r))
+                 for n, (u, i, r) in enumerate(valid)])  # fmt: skip
+    asyncio.run(live.close())
+    source = load_artifact(tiny_artifact)
+    with known_training_warnings_ignored():
+        from server.train import RankingChoice, train
+
+        with pytest.raises(DataError, match="every valid row is in the logged feedback"):
+            train(tiny_dataset.path, THRESHOLD, tmp_path / "root", tiny_dataset.model,
+                  out=io.StringIO(), events=tmp_path / "state")  # fmt: skip
+        progress = io.StringIO()
+        choice = RankingChoice.of(source.manifest, tiny_dataset.model)
+        hyper = Hyper(**source.manifest["model"]["hyper"])
+        refit = train(tiny_dataset.path, THRESHOLD, tmp_path / "root", tiny_dataset.model,
+                      out=progress, events=tmp_path / "state", fixed=hyper,
+                      fixed_ranking=choice)  # fmt: skip
+    assert f"{len(valid)} valid and 0 test rows are in the train graph now" in progress.getvalue()
+    manifest = load_artifact(refit).manifest
+    for key in ("suppression_gamma", "propensity_beta", "propensity_prior"):
+        assert manifest["ranking"][key] == source.manifest["ranking"][key]
+    assert "valid" not in manifest["metrics"]
+    assert manifest["metrics"]["test"]["recall@20"] > 0.5
