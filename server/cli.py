@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from server.artifacts import load_artifact
     from server.data import load_dataset
-    from server.evaluate import evaluate_scores, ground_truth, interaction_matrix
+    from server.evaluate import evaluate_scores, ground_truth, held_out, interaction_matrix
     from server.graph import build_graph
 
     artifact = load_artifact(Path(args.artifact))
@@ -65,11 +65,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise SignedrecError(
             f"{args.data}: has item ids up to {dataset.n_items - 1}, the artifact knows {n_items}"
         )
-    graph = build_graph(dataset.train, threshold, dataset.n_users, n_items)
+    if artifact.watermark > 0 and artifact.manifest["dataset"].get("fingerprint") == (
+        dataset.fingerprint
+    ):
+        # Trained on this data plus a server's log: users as the model knows them, and split
+        # rows that the log holds are train input, not held out (as when it was trained).
+        graph = artifact.trained_graph()
+        masked = interaction_matrix(*graph.edges()[:2], graph.n_users, n_items)
+        split, inside = held_out(split, masked)
+        print(f"users from the artifact's graph (its data and the log up to seq "
+              f"{artifact.watermark}); {inside} {args.split} rows are in it, not held out",
+              file=sys.stderr)  # fmt: skip
+    else:
+        graph = build_graph(dataset.train, threshold, dataset.n_users, n_items)
+        masked = interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users,
+                                    n_items)  # fmt: skip
     z = graph.signed_input(artifact.neg_weight)
     table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
-    masked = interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users, n_items)
-    truth = ground_truth(split, threshold, dataset.n_users, n_items)
+    truth = ground_truth(split, threshold, graph.n_users, n_items)
 
     def model_scores(users: np.ndarray) -> np.ndarray:
         return (z[users] @ table) @ vectors.T

@@ -38,6 +38,16 @@ def interaction_matrix(
     return m
 
 
+def held_out(split: Interactions, seen: sp.csr_matrix) -> tuple[Interactions, int]:
+    """The rows of a split whose pair is not in ``seen`` (a train graph that took in logged
+    feedback may hold some), and how many are: those are input now, not held out."""
+    inside = np.asarray(seen[split.users, split.items]).ravel().astype(bool)
+    keep = ~inside
+    return Interactions(split.users[keep], split.items[keep], split.ratings[keep]), int(
+        inside.sum()
+    )
+
+
 def ground_truth(split: Interactions, threshold: float, n_users: int, n_items: int) -> Truth:
     """The protocol's evaluated users and their positive/negative items in one split."""
     pos = split.positive(threshold)

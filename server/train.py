@@ -26,13 +26,14 @@ import torch
 
 from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import EventWeights, Hyper, ModelConfig
-from server.data import Dataset, IdMap, Interactions, load_dataset
+from server.data import Dataset, IdMap, load_dataset
 from server.errors import ArtifactError, DataError
 from server.evaluate import (
     Truth,
     evaluate_scores,
     evaluate_variants,
     ground_truth,
+    held_out,
     interaction_matrix,
 )
 from server.feedback import read_feedback
@@ -374,15 +375,6 @@ class RankingChoice:
                    float(ranking.get("propensity_prior", config.propensity_prior)))  # fmt: skip
 
 
-def _outside(split: Interactions, seen: sp.csr_matrix) -> tuple[Interactions, int]:
-    """The rows of a split whose pair the train graph does not hold, and how many it does."""
-    inside = np.asarray(seen[split.users, split.items]).ravel().astype(bool)
-    keep = ~inside
-    return Interactions(split.users[keep], split.items[keep], split.ratings[keep]), int(
-        inside.sum()
-    )
-
-
 def train(
     data_dir: Path,
     threshold: float,
@@ -454,8 +446,8 @@ def train(
     if feedback is not None:
         # Logged feedback may hold valid or test pairs (a stream of them, say): those are train
         # input now, so they leave the held-out truth rather than score as unreachable targets.
-        valid, in_valid = _outside(valid, masked)
-        test, in_test = (None, 0) if test is None else _outside(test, masked)
+        valid, in_valid = held_out(valid, masked)
+        test, in_test = (None, 0) if test is None else held_out(test, masked)
         if in_valid or in_test:
             print(f"{in_valid} valid and {in_test} test rows are in the train graph now (logged "
                   "feedback): left out of selection and metrics", file=out, flush=True)  # fmt: skip

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.artifacts import MANIFEST, load_artifact
+from server.cli import main
 from server.config import EventWeights, Hyper, load_config
 from server.data import IdMap, Interactions
 from server.errors import ArtifactError, DataError, LogCorruptError
@@ -324,7 +325,10 @@ def test_since_a_version_of_other_data_is_refused(
 
 
 def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
-    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+    tiny_dataset: TinyDataset,
+    tiny_artifact: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Streamed valid rows in the log are train input: they leave the held-out truth, a search
     on them is refused, and a refit (--hyper-from) keeps its source's serving strengths instead
@@ -353,3 +357,14 @@ def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
         assert manifest["ranking"][key] == source.manifest["ranking"][key]
     assert "valid" not in manifest["metrics"]
     assert manifest["metrics"]["test"]["recall@20"] > 0.5
+    # `signedrec evaluate` scores it the way its training did: its own graph, log rows not held
+    # out (with the dataset's train graph instead, the new users' and logged rows would differ).
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", str(refit), "--data", str(tiny_dataset.path),
+                 "--json"]) == 0  # fmt: skip
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    for key, value in manifest["metrics"]["test"].items():
+        if key != "users":
+            assert result[key] == pytest.approx(value, abs=1e-6), key
+    assert "0 test rows are in it, not held out" in printed.err
