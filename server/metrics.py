@@ -1,4 +1,4 @@
-"""Prometheus metrics of one app: request latency, events, fsyncs, snapshots, the memo."""
+"""Prometheus metrics of one app: request latency, events, fsyncs, snapshots, the memo, the log."""
 
 from __future__ import annotations
 
@@ -74,4 +74,30 @@ class CacheCollector(Collector):
         yield lookups
         yield GaugeMetricFamily(
             "signedrec_ranking_cache_users", "Users with memoised rankings", value=len(state.cache)
+        )
+
+
+class LogCollector(Collector):
+    """The event log's extent and the served model's watermark, read at scrape time: what log
+    retention keeps, and what a restart or a retrain would read."""
+
+    def __init__(self, live: Callable[[], LiveState | None]) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Nothing until the state is loaded."""
+        state = self.live()
+        if state is None or state.log is None or state.log.closed:
+            return
+        log = state.log
+        yield GaugeMetricFamily("signedrec_log_first_seq", "Oldest event kept in the log",
+                                value=log.first_seq)  # fmt: skip
+        yield GaugeMetricFamily("signedrec_log_last_seq", "Newest event in the log",
+                                value=log.last_seq)  # fmt: skip
+        yield GaugeMetricFamily("signedrec_log_segments", "Event log segment files",
+                                value=log.segment_count)  # fmt: skip
+        yield GaugeMetricFamily(
+            "signedrec_model_watermark",
+            "Last logged event the served model was trained on (0: trained without the log)",
+            value=state.item_side.artifact.watermark,
         )

@@ -24,7 +24,7 @@ from server.errors import (
     SignedrecError,
 )
 from server.index import set_cpu_threads
-from server.metrics import CacheCollector, Metrics
+from server.metrics import CacheCollector, LogCollector, Metrics
 from server.state import ItemSide, LiveState, Recommendation
 from server.wire import ModelOut, ModelVersion
 
@@ -43,6 +43,7 @@ class Service:
             lambda: 0 if self.state is None else self.state.since_snapshot
         )
         self.metrics.registry.register(CacheCollector(lambda: self.state))
+        self.metrics.registry.register(LogCollector(lambda: self.state))
         self.guard = Guard(config.access)
         self.limiter = RateLimiter(config.limits)
         self.inflight = InFlight(config.limits)

@@ -435,6 +435,10 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
         kept = sorted((state / "events").glob("events-*.log"))
         assert segments[0] not in kept
         assert int(kept[0].name[7:27]) <= len(events) - 2 + 1  # the dedup window is kept
+        metrics = third.client.get("/metrics").text
+        assert f"signedrec_log_first_seq {int(kept[0].name[7:27])}.0" in metrics
+        assert f"signedrec_model_watermark {len(events)}.0" in metrics
+        assert f"signedrec_log_segments {len(kept)}.0" in metrics
         retry = third.client.post("/v1/feedback", json=[events[-1]]).json()
         assert retry == {"accepted": 0, "duplicates": 1}
         late = [_event("online", "3", "like"), _event("0", "4", "dislike")]
