@@ -802,10 +802,14 @@ class LiveState:
                 out.append((event_id, items.external(np.asarray([item]))[0], kind, value, ts))
         if user < self.n_trained_users and len(out) < limit:
             pos, neg = self._trained_edges(user)
+            pos_w, neg_w = self._trained_strengths(user)
             trained = np.concatenate([pos, neg])[: limit - len(out)]
-            is_pos = np.arange(len(trained)) < len(pos)
-            for item, positive in zip(items.external(trained), is_pos.tolist(), strict=True):
-                out.append((None, item, TRAIN_KIND[positive], None, None))
+            signed = np.concatenate([pos_w, -neg_w])[: len(trained)].tolist()
+            skip = self._weights.skip
+            for item, strength in zip(items.external(trained), signed, strict=True):
+                # A logged skip trained into the graph keeps its name; the rest go by sign.
+                kind = "skip" if strength == skip < 0 else TRAIN_KIND[strength > 0]
+                out.append((None, item, kind, None, None))
         return out
 
     def user_count(self) -> int:

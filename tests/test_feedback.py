@@ -230,6 +230,8 @@ def test_a_model_trained_on_the_log_holds_the_live_graph(
     assert restarted._user_feedback(1).strength[6] == 1.0  # the rating's change of mind
     assert restarted._user_feedback(N_USERS).strength == {3: 1.0, 4: 1.0}
     assert restarted._user_feedback(3).strength[10] == -0.25
+    assert (None, "10", "skip", None, None) in restarted.history("3", 100)
+    assert (None, "9", "dislike", None, None) in restarted.history("2", 100)
     table, neg_weight = restarted.item_side.table, restarted.item_side.neg_weight
     for user in range(len(restarted.users)):
         strength = restarted._user_feedback(user).strength
