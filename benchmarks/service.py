@@ -41,6 +41,7 @@ import psutil
 from benchmarks.host import cpu_model
 from server.artifacts import resolve
 from server.config import EventLogConfig
+from server.data import load_dataset
 from server.events import EventLog, NewEvent
 from server.launch import ServeProcess
 
@@ -50,6 +51,7 @@ import matplotlib.pyplot as plt
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
 DEFAULT_ARTIFACT = REPO / "model_artifacts" / "default"
+DEFAULT_DATA = REPO / "model_artifacts" / "default-data"  # what the embedded default learned
 START_TIMEOUT_S = 600.0
 
 BAR_RECS_P99_MS = 5.0
@@ -523,9 +525,12 @@ def parse_replay(log_text: str) -> tuple[int, float] | None:
 
 
 def bench_replay(
-    artifact: Path, work_dir: Path, users: list[str], items: list[str], n: int, seed: int
-) -> dict[str, Any]:
-    """Write an n-event log, then time process start -> /readyz and the server's replay."""
+    artifact: Path, work_dir: Path, users: list[str], items: list[str], n: int, seed: int,
+    train_data: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write an n-event log, then time process start -> /readyz and the server's replay; with
+    ``train_data`` (the artifact's dataset) also a version trained on that log, and a restart
+    on it (nothing to replay; the dedup window's ids are read back from the log)."""
     state = work_dir / "replay-state"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -565,7 +570,49 @@ def bench_replay(
                  f"{result['restart_with_snapshot_to_ready_s']:.2f} s")  # fmt: skip
     finally:
         again.stop()
+    if train_data is not None:
+        result.update(bench_log_trained_restart(artifact, state, work_dir, train_data))
     return result
+
+
+def trained_on(artifact: Path, data: Path) -> bool:
+    """Whether ``data`` is the dataset an artifact was trained on (its manifest fingerprint)."""
+    dataset = json.loads((resolve(artifact) / "manifest.json").read_text())["dataset"]
+    if not (data / "train.txt").is_file():
+        return False
+    return load_dataset(data, float(dataset["threshold"])).fingerprint == dataset["fingerprint"]
+
+
+def bench_log_trained_restart(
+    artifact: Path, state: Path, work_dir: Path, train_data: Path
+) -> dict[str, Any]:
+    """`signedrec train --events STATE --hyper-from ARTIFACT`, then a restart on that version."""
+    version = resolve(artifact)
+    threshold = json.loads((version / "manifest.json").read_text())["dataset"]["threshold"]
+    command = [sys.executable, "-m", "server.cli", "train", "--data", str(train_data),
+               "--threshold", str(threshold), "--out", str(work_dir / "log-trained"),
+               "--hyper-from", str(version), "--events", str(state)]  # fmt: skip
+    progress("replay: training a version on the log (train --events --hyper-from)")
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    train_s = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"train --events failed: {proc.stderr[-3000:]}")
+    trained = Path(proc.stdout.strip().splitlines()[-1])
+    server = ServerProcess(trained, state, work_dir / "server-replay-trained.log")
+    try:
+        ready = server.wait_ready()
+        parsed = parse_replay(server.log_text())
+    finally:
+        server.stop()
+    progress(f"replay: trained on the log in {train_s:.1f} s; restart on it ready after "
+             f"{ready:.2f} s")  # fmt: skip
+    return {
+        "train_on_log_s": train_s,
+        "restart_on_log_trained_to_ready_s": ready,
+        "log_trained_replayed_events": parsed[0] if parsed else None,
+        "log_trained_replay_s": parsed[1] if parsed else None,
+    }
 
 
 def bench_idle_rss(artifact: Path, work_dir: Path, name: str) -> dict[str, Any]:
@@ -710,6 +757,18 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         f"{fmt(rp.get('restart_with_snapshot_to_ready_s'))} s "
         f"(replayed {rp.get('restart_replayed_events')} events in "
         f"{fmt(rp.get('restart_replay_s'))} s) |",
+        *(
+            [
+                f"| `signedrec train --events` on that log (`--hyper-from`, no search), wall | "
+                f"{fmt(rp['train_on_log_s'])} s |",
+                f"| restart on the version trained on it -> /readyz 200 | "
+                f"{fmt(rp['restart_on_log_trained_to_ready_s'])} s (replayed "
+                f"{rp.get('log_trained_replayed_events')} events in "
+                f"{fmt(rp.get('log_trained_replay_s'))} s, the dedup window's ids read back) |",
+            ]
+            if "train_on_log_s" in rp
+            else []
+        ),
         f"| idle RSS after replaying {log['events']:,} events | "
         f"{rp['idle_rss_mb_after_replay']:.0f} MiB |",
         "",
@@ -802,6 +861,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="client at concurrency N: raw asyncio HTTP/1.1 or httpx.AsyncClient",
     )
     p.add_argument("--replay-events", type=int, default=1_000_000)
+    p.add_argument("--train-data", type=Path, default=DEFAULT_DATA,
+                   help="the artifact's dataset, to train a version on the replay log")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None, help="default: a new temp dir")
     p.add_argument("--keep", action="store_true", help="keep the work dir (server logs, state)")
@@ -866,9 +927,15 @@ def main(argv: list[str] | None = None) -> int:
         # 3. replay.
         phases["replay"] = load_avg()
         others = OtherCpu()
+        # The log-trained restart needs the artifact's own dataset (the default's is in the repo).
+        same_data = trained_on(args.artifact, args.train_data)
+        if not same_data:
+            results["notes"].append(f"{args.train_data} is not the data {args.artifact} was "
+                                    "trained on: log-trained restart not measured")  # fmt: skip
         results["replay"] = bench_replay(
-            args.artifact, work_dir, users, items, args.replay_events, args.seed
-        )
+            args.artifact, work_dir, users, items, args.replay_events, args.seed,
+            args.train_data if same_data else None,
+        )  # fmt: skip
         foreign["replay"] = others.cores()
         # 4. idle RSS of a kuairand artifact.
         if args.kuairand_artifact is not None:
