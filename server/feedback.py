@@ -70,6 +70,9 @@ def read_feedback(
     def refuse(problem: str) -> DataError:
         return DataError(str(directory), None, problem)
 
+    if report.segments == 0:  # a server's log always has one: this is not a log directory
+        raise refuse("no event log segments (events-*.log) here: give the server's state dir")
+
     if report.first_seq > after_seq + 1:
         raise refuse(
             f"the log starts at seq {report.first_seq}: events {after_seq + 1}.."

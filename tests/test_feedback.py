@@ -19,7 +19,7 @@ from server.artifacts import MANIFEST, load_artifact
 from server.cli import main
 from server.config import EventWeights, Hyper, load_config
 from server.data import IdMap, Interactions
-from server.errors import ArtifactError, DataError, LogCorruptError
+from server.errors import ArtifactError, DataError, LogCorruptError, LogUnavailableError
 from server.events import EventLog, NewEvent, read_records, segment_name
 from server.feedback import read_feedback
 from server.graph import build_graph, with_feedback
@@ -148,6 +148,14 @@ def test_an_item_outside_the_catalogue_names_the_event(tmp_path: Path) -> None:
     log.close_sync()
     with pytest.raises(DataError, match="event seq 2 names item '99'"):
         read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
+
+
+def test_a_directory_without_a_log_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "somewhere").mkdir()
+    with pytest.raises(DataError, match="no event log segments"):
+        read_feedback(tmp_path / "somewhere", IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
+    with pytest.raises(LogUnavailableError, match="does not exist"):
+        read_feedback(tmp_path / "nowhere", IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
 
 
 def test_a_log_missing_its_first_events_is_refused(tmp_path: Path) -> None:
