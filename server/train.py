@@ -375,6 +375,57 @@ class RankingChoice:
                    float(ranking.get("propensity_prior", config.propensity_prior)))  # fmt: skip
 
 
+def _train_graph(
+    dataset: Dataset, data_dir: Path, threshold: float, events: Path | None,
+    weights: EventWeights | None, since: Path | None, out: TextIO,
+) -> tuple[SignedGraph, IdMap, dict[str, Any] | None]:  # fmt: skip
+    """The train graph and users: the dataset's, or ``since``'s, plus a log's feedback; with the
+    manifest's record of that log (None without ``events``)."""
+    graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
+    users = IdMap.dense(dataset.n_users)
+    after, after_id = 0, None
+    if since is not None:
+        if events is None:
+            raise ArtifactError("training --since a version needs --events: the log after it")
+        base = load_artifact(since)
+        if base.manifest["dataset"].get("fingerprint") != dataset.fingerprint:
+            raise ArtifactError(f"{base.path} was trained on other data than {data_dir} (dataset "
+                                "fingerprints differ)")  # fmt: skip
+        if base.threshold != threshold:
+            raise ArtifactError(f"{base.path} was trained with threshold {base.threshold}, not "
+                                f"{threshold}")  # fmt: skip
+        graph, users = base.trained_graph(), IdMap(base.arrays["user_ids"])
+        after, after_id = base.watermark, base.manifest.get("log", {}).get("last_event_id")
+        print(f"starting from {base.path}: its graph holds the log up to seq {after}", file=out,
+              flush=True)  # fmt: skip
+    if events is None:
+        return graph, users, None
+    feedback = read_feedback(events, users, IdMap.dense(dataset.n_items), weights or EventWeights(),
+                             threshold, out, after, after_id)  # fmt: skip
+    graph = with_feedback(graph, feedback.users, feedback.items, feedback.strengths,
+                          feedback.n_users)  # fmt: skip
+    report = feedback.report
+    print(
+        f"log {report.directory}: {len(feedback.strengths)} events, seq {after + 1}.."
+        f"{report.last_seq} ({len(feedback.new_users)} new users)"
+        + (f"; left out a partial record at its end: {report.unread_tail}"
+           if report.unread_tail else ""),
+        file=out, flush=True,
+    )  # fmt: skip
+    log_info = {
+        "directory": report.directory,
+        "events": len(feedback.strengths),
+        "first_seq": after + 1,
+        "last_seq": feedback.watermark,
+        "last_event_id": feedback.last_event_id,
+        "new_users": len(feedback.new_users),
+        "since": None if since is None else Path(since).name,
+        "users": graph.n_users,
+        "weights": msgspec.to_builtins(feedback.weights),
+    }
+    return graph, users, log_info
+
+
 def train(
     data_dir: Path,
     threshold: float,
@@ -408,42 +459,12 @@ def train(
         file=out,
         flush=True,
     )
-    graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
-    users = IdMap.dense(dataset.n_users)
-    after, after_id = 0, None
-    if since is not None:
-        if events is None:
-            raise ArtifactError("training --since a version needs --events: the log after it")
-        base = load_artifact(since)
-        if base.manifest["dataset"].get("fingerprint") != dataset.fingerprint:
-            raise ArtifactError(f"{base.path} was trained on other data than {data_dir} (dataset "
-                                "fingerprints differ)")  # fmt: skip
-        if base.threshold != threshold:
-            raise ArtifactError(f"{base.path} was trained with threshold {base.threshold}, not "
-                                f"{threshold}")  # fmt: skip
-        graph, users = base.trained_graph(), IdMap(base.arrays["user_ids"])
-        after, after_id = base.watermark, base.manifest.get("log", {}).get("last_event_id")
-        print(f"starting from {base.path}: its graph holds the log up to seq {after}", file=out,
-              flush=True)  # fmt: skip
-    feedback = None
-    if events is not None:
-        feedback = read_feedback(events, users, IdMap.dense(dataset.n_items),
-                                 weights or EventWeights(), threshold, out, after,
-                                 after_id)  # fmt: skip
-        graph = with_feedback(graph, feedback.users, feedback.items, feedback.strengths,
-                              feedback.n_users)  # fmt: skip
-        report = feedback.report
-        print(
-            f"log {report.directory}: {len(feedback.strengths)} events, seq {after + 1}.."
-            f"{report.last_seq} ({len(feedback.new_users)} new users)"
-            + (f"; left out a partial record at its end: {report.unread_tail}"
-               if report.unread_tail else ""),
-            file=out, flush=True,
-        )  # fmt: skip
+    graph, users, log_info = _train_graph(dataset, Path(data_dir), threshold, events, weights,
+                                          since, out)  # fmt: skip
     # Masked: every pair in the train graph (dataset rows and logged feedback alike).
     masked = interaction_matrix(*graph.edges()[:2], graph.n_users, dataset.n_items)
     valid, test = dataset.valid, dataset.test
-    if feedback is not None:
+    if log_info is not None:
         # Logged feedback may hold valid or test pairs (a stream of them, say): those are train
         # input now, so they leave the held-out truth rather than score as unreachable targets.
         valid, in_valid = held_out(valid, masked)
@@ -507,19 +528,6 @@ def train(
         "propensity_prior": prior,
         "propensity_valid": propensity,
     }
-    log_info = None
-    if feedback is not None:
-        log_info = {
-            "directory": feedback.report.directory,
-            "events": len(feedback.strengths),
-            "first_seq": after + 1,
-            "last_seq": feedback.watermark,
-            "last_event_id": feedback.last_event_id,
-            "new_users": len(feedback.new_users),
-            "since": None if since is None else Path(since).name,
-            "users": graph.n_users,
-            "weights": msgspec.to_builtins(feedback.weights),
-        }
     return export(dataset, graph, users, log_info, best, item_table, item_vectors, metrics,
                   trials, ranking, seconds, out_dir)  # fmt: skip
 
