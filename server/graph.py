@@ -65,9 +65,9 @@ class SignedGraph:
 
 
 def _csr(
-    users: np.ndarray, items: np.ndarray, weights: np.ndarray, n_users: int
+    users: np.ndarray, items: np.ndarray, weights: np.ndarray, key: np.ndarray, n_users: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.lexsort((items, users))
+    order = np.lexsort((key, users))  # each user's row ordered by ``key``
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(users, minlength=n_users), out=indptr[1:])
     return (
@@ -78,17 +78,20 @@ def _csr(
 
 
 def _signed_graph(
-    users: np.ndarray, items: np.ndarray, strengths: np.ndarray, n_users: int, n_items: int
-) -> SignedGraph:
-    """The graph of the last strength given to each (user, item) pair, in array order."""
+    users: np.ndarray, items: np.ndarray, strengths: np.ndarray, n_users: int, n_items: int,
+    by_time: bool = False,
+) -> SignedGraph:  # fmt: skip
+    """The graph of the last strength given to each (user, item) pair, in array order. Rows are
+    sorted by item, or with ``by_time`` by when each pair last changed (oldest first)."""
     key = users.astype(np.int64) * n_items + items
     # Keep the last occurrence of each pair: reverse, take first of unique, map back.
     _, first_rev = np.unique(key[::-1], return_index=True)
     keep = len(key) - 1 - first_rev
     users, items, strengths = users[keep], items[keep], strengths[keep]
+    order = keep if by_time else items
     positive, negative = strengths > 0, strengths < 0  # a latest strength of 0 drops the pair
-    pos = _csr(users[positive], items[positive], strengths[positive], n_users)
-    neg = _csr(users[negative], items[negative], -strengths[negative], n_users)
+    pos = _csr(users[positive], items[positive], strengths[positive], order[positive], n_users)
+    neg = _csr(users[negative], items[negative], -strengths[negative], order[negative], n_users)
     return SignedGraph(n_users, n_items, pos[0], pos[1], neg[0], neg[1], pos[2], neg[2])
 
 
@@ -106,7 +109,9 @@ def with_feedback(
     graph: SignedGraph, users: np.ndarray, items: np.ndarray, strengths: np.ndarray, n_users: int
 ) -> SignedGraph:
     """The graph after feedback applied in order (the latest strength per pair wins), over
-    ``n_users >= graph.n_users`` users: what the live state holds after the same events."""
+    ``n_users >= graph.n_users`` users: what the live state holds after the same events. Each
+    row keeps the graph's edges first, in their order, then the feedback's by when it came, so
+    a user's dislikes end with the most recent, as the live state's (suppression reads those)."""
     if n_users < graph.n_users:
         raise ValueError(f"n_users {n_users} is below the graph's {graph.n_users}")
     if not np.all(np.isfinite(strengths)):
@@ -118,4 +123,5 @@ def with_feedback(
         np.concatenate([base_strengths, np.asarray(strengths, np.float32)]),
         n_users,
         graph.n_items,
+        by_time=True,
     )

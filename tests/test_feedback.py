@@ -70,11 +70,19 @@ def test_with_feedback_is_the_latest_strength_per_pair(
                     strict=True)) == expected  # fmt: skip
     assert np.all(merged.pos_weights > 0)
     assert np.all(merged.neg_weights > 0)
-    for sign in ("pos", "neg"):  # CSR rows sorted by item, as the server's fold expects
-        indptr, cols = getattr(merged, f"{sign}_indptr"), getattr(merged, f"{sign}_items")
-        for u in range(merged.n_users):
-            row = cols[indptr[u] : indptr[u + 1]]
-            assert np.all(np.diff(row) > 0)
+    # Each user's dislikes end with the most recent, as the live state's recent_negative does
+    # (a dislike moves an item to the end, any other strength takes it out).
+    recent: dict[int, dict[int, None]] = {}
+    for u in range(graph.n_users):
+        row = graph.neg_items[graph.neg_indptr[u] : graph.neg_indptr[u + 1]]
+        recent[u] = dict.fromkeys(row.tolist())
+    for (u, i), strength in events:
+        recent.setdefault(u, {}).pop(i, None)
+        if strength < 0:
+            recent[u][i] = None
+    for u in range(merged.n_users):
+        row = merged.neg_items[merged.neg_indptr[u] : merged.neg_indptr[u + 1]]
+        assert row.tolist() == list(recent.get(u, {}))
 
 
 # -- reading a log without its lock ------------------------------------------------------------
@@ -235,6 +243,10 @@ def test_a_model_trained_on_the_log_holds_the_live_graph(
         assert old is not None
         assert new is not None
         assert restarted._user_feedback(new).strength == live._user_feedback(old).strength
+        # Dislikes in the order they came, so suppression reads the same most recent ones.
+        assert list(restarted._user_feedback(new).recent_negative) == list(
+            live._user_feedback(old).recent_negative
+        )
     assert restarted._user_feedback(1).strength[6] == 1.0  # the rating's change of mind
     assert restarted._user_feedback(N_USERS).strength == {3: 1.0, 4: 1.0}
     assert restarted._user_feedback(3).strength[10] == -0.25
