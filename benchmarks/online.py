@@ -558,8 +558,8 @@ def markdown(results: dict[str, Any]) -> str:
         "the running server's log (the streamed valid rows as rating events) on top of "
         "`train.txt`, and the server is reloaded onto that version; its served lists, over "
         "HTTP. The operator's periodic refit, end to end: like _refit offline_ plus the served "
-        "suppression and propensity, whose strengths are picked on valid, inside its training "
-        "data here.",
+        "suppression and propensity, at the static version's strengths (`--hyper-from` keeps "
+        "them; valid is inside this training data).",
         "",
         "The curve's first point is below the static row because the server does not yet know "
         "the valid items (it excludes train only) while the static row masks train and valid.",
