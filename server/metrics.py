@@ -30,6 +30,10 @@ class Metrics:
         self.index_size = Gauge("signedrec_index_items", "Items in the FAISS index", registry=r)
         self.users = Gauge("signedrec_users", "Users known", registry=r)
         self.model = Gauge("signedrec_model_info", "Loaded model", ["version"], registry=r)
+        self.backend = Gauge(
+            "signedrec_backend_info", "Where the hot path runs: kernel backend, FAISS device",
+            ["kernels", "index"], registry=r,
+        )  # fmt: skip
         self.shed = Counter(
             "signedrec_shed_total", "Requests shed over the in-flight bound", ["route"], registry=r
         )

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.index import gpu_count
 from server.launch import STOP_TIMEOUT_S, ServeProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +94,8 @@ def test_shapes(server: Server) -> None:
     for route in ("recommendations", "similar", "history"):  # each read route is timed
         assert f'signedrec_request_seconds_count{{route="{route}"}}' in metrics
     assert "signedrec_index_items" in metrics
+    index_device = "gpu" if gpu_count()[0] else "cpu"  # index.device "auto", as the server's
+    assert f'signedrec_backend_info{{index="{index_device}",kernels="cpu"}} 1.0' in metrics
 
 
 def test_trained_items_are_excluded(server: Server) -> None:
