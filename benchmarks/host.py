@@ -1,8 +1,11 @@
-"""Where a benchmark ran, for its report: the CPU model (wall times mean little without it)."""
+"""Where a benchmark ran, for its report: the CPU and GPU models (wall times mean little without
+them)."""
 
 from __future__ import annotations
 
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -15,3 +18,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_model() -> str:
+    """The NVIDIA GPUs' names from nvidia-smi ('' without one); no CUDA context is created."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ""
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return ", ".join(line.strip() for line in out.splitlines() if line.strip())

@@ -1,0 +1,66 @@
+"""The capacity report says what was and was not measured (no Locust run: steps are given)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+import loadtest.run as capacity
+from loadtest.run import Step
+
+
+def _step(target: str, rate: float, achieved: float, p99: float = 50.0) -> Step:
+    return Step(
+        target=target, offered_rps=rate, users=int(rate // 5), achieved_rps=achieved,
+        requests=int(achieved * 30), failures=0, p50_ms=5.0, p95_ms=20.0, p99_ms=p99,
+        max_ms=100.0, server_cpu_percent=50.0, server_rss_mb=500.0, locust_cpu_percent=60.0,
+        cache_hit_rate=None if target == "healthz" else 0.8, errors=[],
+    )  # fmt: skip
+
+
+def _render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: list[Step], duration: int
+) -> tuple[str, dict[str, object]]:
+    monkeypatch.setattr(capacity, "REPORTS", tmp_path)
+    args = argparse.Namespace(duration=duration, report="cap")
+    md = capacity.report(steps, args, "a test machine")
+    return md.read_text(), json.loads((tmp_path / "cap.json").read_text())
+
+
+def test_a_failing_healthz_step_sets_the_ceiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = [_step("mixed", 1000, 1001), _step("mixed", 2000, 1500, p99=900)]
+    steps += [
+        _step("healthz", 1000, 1002),
+        _step("healthz", 2000, 1999),
+        _step("healthz", 4000, 3000),
+    ]
+    text, payload = _render(tmp_path, monkeypatch, steps, 60)
+    assert "**PASS** (achieved 1001.0/s" in text
+    assert "ceiling in the same run: 2000 req/s; ratio 0.50" in text
+    assert payload["healthz_ceiling_found"] is True
+    assert payload["highest_holding_rps"] == {"mixed": 1000.0, "healthz": 2000.0}
+    assert (tmp_path / "cap.png").stat().st_size > 0
+
+
+def test_an_unreached_ceiling_makes_the_ratio_an_upper_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = [_step("mixed", 1000, 1001), _step("healthz", 1000, 1000), _step("healthz", 3000, 3000)]
+    text, payload = _render(tmp_path, monkeypatch, steps, 30)
+    assert "not reached (every step up to 3000 req/s held)" in text
+    assert "ratio 0.33 is an upper bound" in text
+    assert "**not measured**: steps held 30 s" in text  # the 1000 req/s bar needs 60 s steps
+    assert payload["bar_1000rps_60s"] is False
+
+
+def test_mixed_only_runs_say_the_ceiling_was_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text, _ = _render(tmp_path, monkeypatch, [_step("mixed", 3000, 2990)], 60)
+    assert "not measured (this run's targets: mixed only)" in text
+    assert "**not measured** (no 1000 req/s step in this run)" in text
