@@ -37,6 +37,7 @@ I64 = npt.NDArray[np.int64]
 REPORTS = Path(__file__).resolve().parent / "reports"
 N_USERS = 100_000
 N_ROWS = 10_000
+FOLD_DEGREE = 30  # mean signed-neighbourhood size of a user in the fold (model load) case
 N_ITEMS = 10_000
 N_CANDS = 200
 N_NEGS = 50
@@ -211,6 +212,32 @@ def bench_batches(
         "ours": {"call_us": ours_us, "events_per_s": batch / ours_us * 1e6},
         "numpy": {"call_us": twin_us, "events_per_s": batch / twin_us * 1e6},
         "numpy_floor": {"call_us": floor_us},
+    }
+
+
+def bench_fold(rng: np.random.Generator, d: int, repeats: int) -> dict[str, Any]:
+    """A whole model load's fold (every user's CSR row summed), ours against SciPy's CSR @ dense."""
+    import scipy.sparse as sp
+
+    degrees = rng.poisson(FOLD_DEGREE, N_USERS)
+    indptr = np.zeros(N_USERS + 1, np.int64)
+    np.cumsum(degrees, out=indptr[1:])
+    rows = rng.integers(0, N_ROWS, int(indptr[-1])).astype(np.int32)
+    weights = rng.choice(np.array([1.0, -1.0, -0.25], np.float32), rows.size)
+    table = rng.standard_normal((N_ROWS, d)).astype(np.float32)
+    out = np.empty((N_USERS, d), np.float32)
+    graph = sp.csr_matrix((weights, rows, indptr), shape=(N_USERS, N_ROWS))
+    kernels.fold_csr(indptr, rows, weights, table, out)
+    if not np.allclose(out, graph @ table, atol=1e-4):
+        raise RuntimeError("fold_csr disagrees with its SciPy twin")
+    ours = latencies_us(lambda i: kernels.fold_csr(indptr, rows, weights, table, out), repeats)
+    twin = latencies_us(lambda i: graph @ table, repeats)
+    return {
+        "case": f"fold {N_USERS:,} users x {FOLD_DEGREE} rows, d={d}",
+        "d": d,
+        "edges": int(indptr[-1]),
+        "ours": summary(ours),
+        "numpy": summary(twin),
     }
 
 
@@ -474,6 +501,23 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         )
     lines += [
         "",
+        "## Model-load fold",
+        "",
+        "Every user's vector rebuilt from the signed graph (`fold_csr`, run at model load, swap "
+        f"and snapshot refold): {N_USERS:,} users with Poisson({FOLD_DEGREE}) rows each out of "
+        f"R={N_ROWS:,}; the twin is SciPy's CSR times dense (single-threaded). No bar.",
+        "",
+        "| case | edges | ours median ms | scipy median ms | scipy/ours |",
+        "|---|---|---|---|---|",
+    ]
+    for case in results.get("fold", []):
+        lines.append(
+            f"| {case['case']} | {case['edges']:,} | {case['ours']['median_us'] / 1e3:.2f} "
+            f"| {case['numpy']['median_us'] / 1e3:.2f} "
+            f"| {case['numpy']['median_us'] / case['ours']['median_us']:.1f}x |"
+        )
+    lines += [
+        "",
         "## Speed-up over NumPy",
         "",
         f"The {BAR_RATIO:g}x bar applies where the NumPy twin is not at its call-overhead "
@@ -573,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_cases = [(d, batch) for d in (64, 128) for batch in (1, 64, 4096)]
     suppress_cases = [(64, 1, False), (256, 1, False), (64, 1, True), (256, 1, True)]
     suppress_cases += [(64, 64, False), (256, 64, False)]
-    total = 1 + len(batch_cases) + len(suppress_cases)
+    fold_dims = (64, 256)
+    total = 1 + len(batch_cases) + len(suppress_cases) + len(fold_dims)
 
     results: dict[str, Any] = {}
     case = results["event"] = bench_event_latency(rng, 64, calls)
@@ -599,6 +644,16 @@ def main(argv: list[str] | None = None) -> int:
             f"[{1 + len(batch_cases) + len(results['suppress'])}/{total}] {case['case']}: "
             f"ours {case['ours']['median_us']:.1f} us median, "
             f"numpy {case['numpy']['median_us']:.1f}"
+        )
+
+    results["fold"] = []
+    for d in fold_dims:
+        case = bench_fold(rng, d, 3 if args.quick else 15)
+        results["fold"].append(case)
+        progress(
+            f"[{total - len(fold_dims) + len(results['fold'])}/{total}] {case['case']}: "
+            f"ours {case['ours']['median_us'] / 1e3:.2f} ms median, "
+            f"scipy {case['numpy']['median_us'] / 1e3:.2f} ms"
         )
 
     results["ratios"] = [ratio_row(results["event"], "median_us")]
