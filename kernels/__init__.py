@@ -141,12 +141,24 @@ def _resolve(preference: str) -> str:
             reason,
         )
         return "cpu"
+    if preference == "auto":
+        # Measured on an H100 (benchmarks/reports/kernels-cuda.md): the user vectors live in
+        # host memory, so every CUDA call pays transfers and numba's launch overhead, about 1 ms
+        # an event and 3 ms a ranking batch against 1.5 us and 10 us on one CPU core, and the
+        # CPU kernel still leads 46x at 4,096 events a call. The GPU serves FAISS instead.
+        LOG.info(
+            "kernel backend: cpu on a host with %s: the CPU kernels are faster at serving sizes "
+            "(set kernels.backend=cuda to force the GPU kernels)",
+            _gpu_name(),
+        )
+        return "cpu"
     LOG.info("kernel backend: cuda on %s (%s)", _gpu_name(), preference)
     return "cuda"
 
 
 def select_backend(preference: str = "auto") -> str:
-    """Choose the kernel backend once per process ("auto": CUDA only on a working real GPU)."""
+    """Choose the kernel backend once per process ("auto": the CPU, the faster at serving sizes
+    even beside a GPU; "cuda" only on a working real GPU or under the simulator)."""
     # "auto" means "no explicit choice", so $SIGNEDREC_KERNELS__BACKEND (the config loader's
     # name for the same setting) refines it. Later calls return the cached choice; asking for
     # another explicit backend afterwards is an error rather than a silent no-op.

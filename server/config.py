@@ -124,7 +124,8 @@ class IndexConfig(Base):
 
 
 class KernelConfig(Base):
-    """Which numba backend runs the hot path."""
+    """Which numba backend runs the hot path ("auto": the CPU kernels, faster at serving sizes
+    even beside a GPU; "cuda" forces the GPU kernels)."""
 
     backend: Literal["auto", "cpu", "cuda"] = "auto"
 

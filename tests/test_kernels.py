@@ -797,12 +797,24 @@ def test_broken_gpu_host_warns_and_falls_back(
     assert any("driver exploded" in r.getMessage() for r in caplog.records)
 
 
-def test_auto_picks_the_gpu_when_one_works(
+def test_auto_keeps_the_cpu_kernels_beside_a_working_gpu(
+    fresh_selection: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With host-resident vectors the CUDA kernels lose at serving sizes (kernels-cuda.md)."""
+    monkeypatch.setattr(kernels, "_simulator_active", lambda: False)
+    monkeypatch.setattr(kernels, "_cuda_problem", lambda: None)
+    with caplog.at_level(logging.INFO, logger="signedrec.kernels"):
+        assert kernels.select_backend() == "cpu"
+    assert kernels._state.impl is kernels.get_impl("cpu")
+    assert any("kernels.backend=cuda" in r.getMessage() for r in caplog.records)
+
+
+def test_cuda_is_chosen_when_asked_for_on_a_working_gpu(
     fresh_selection: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kernels, "_simulator_active", lambda: False)
     monkeypatch.setattr(kernels, "_cuda_problem", lambda: None)
-    assert kernels.select_backend() == "cuda"
+    assert kernels.select_backend("cuda") == "cuda"
     assert kernels._state.impl is kernels.get_impl("cuda")
 
 
