@@ -142,10 +142,11 @@ def _resolve(preference: str) -> str:
         )
         return "cpu"
     if preference == "auto":
-        # Measured on an H100 (benchmarks/reports/kernels-cuda.md): the user vectors live in
-        # host memory, so every CUDA call pays transfers and numba's launch overhead, about 1 ms
-        # an event and 3 ms a ranking batch against 1.5 us and 10 us on one CPU core, and the
-        # CPU kernel still leads 46x at 4,096 events a call. The GPU serves FAISS instead.
+        # Measured on an H100 machine (benchmarks/reports/kernels-cuda.md, kernels-cpu-h100.md):
+        # the user vectors live in host memory, so every CUDA call pays transfers and numba's
+        # launch overhead, 764 us an event and 2.3 ms a suppression batch against 3.5 us and
+        # 14 us for the CPU kernels there, which still lead 37x at 4,096 events a call. The GPU
+        # serves FAISS instead.
         LOG.info(
             "kernel backend: cpu on a host with %s: the CPU kernels are faster at serving sizes "
             "(set kernels.backend=cuda to force the GPU kernels)",
