@@ -72,7 +72,17 @@ class Service:
             kernels.select_backend(self.config.kernels.backend)
         except (RuntimeError, ValueError) as exc:  # e.g. cuda requested on a host without one
             raise ConfigError(f"kernels.backend: {exc}") from None
-        kernels.warmup()
+        try:
+            kernels.warmup()
+        except Exception as exc:
+            if kernels.backend != "cuda":
+                raise
+            # e.g. numba-cuda 0.30 beside numpy 2.5 (np.row_stack is gone): seen on a GPU host
+            # whose device checks passed; say which setting to change instead of a traceback.
+            raise ConfigError(
+                f"kernels.backend: the CUDA kernels cannot be compiled here "
+                f"({type(exc).__name__}: {exc}); set kernels.backend=cpu or auto"
+            ) from exc
         paused = self.config.server.gc_off_while_loading and gc.isenabled()
         if paused:
             gc.disable()

@@ -818,6 +818,27 @@ def test_cuda_is_chosen_when_asked_for_on_a_working_gpu(
     assert kernels._state.impl is kernels.get_impl("cuda")
 
 
+def test_cuda_kernels_that_cannot_compile_stop_the_service_with_a_config_error(
+    fresh_selection: None, monkeypatch: pytest.MonkeyPatch, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Seen on a GPU host: numba-cuda 0.30.4 with numpy 2.5 fails only at the first compile."""
+    from server.config import load_config
+    from server.errors import ConfigError
+    from server.service import Service
+
+    monkeypatch.setattr(kernels, "_simulator_active", lambda: False)
+    monkeypatch.setattr(kernels, "_cuda_problem", lambda: None)
+
+    def broken(d: int = 64) -> None:
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(kernels, "warmup", broken)
+    config = load_config(env={kernels.ENV_VAR: "cuda"})
+    service = Service(tiny_artifact, tmp_path / "state", config)
+    with pytest.raises(ConfigError, match=r"cannot be compiled here \(AttributeError: .*row_stack"):
+        service.load()
+
+
 def test_selection_is_made_once(fresh_selection: None) -> None:
     assert kernels.select_backend("cpu") == "cpu"
     assert kernels.select_backend() == "cpu"
