@@ -28,8 +28,14 @@ from typing import Any, Final, Literal, get_args
 import msgspec
 
 from server.config import Base, EventLogConfig
-from server.durable import fsync_dir
-from server.errors import ConfigError, InvalidEventError, LogCorruptError, LogUnavailableError
+from server.durable import atomic_write, fsync_dir
+from server.errors import (
+    ArtifactError,
+    ConfigError,
+    InvalidEventError,
+    LogCorruptError,
+    LogUnavailableError,
+)
 
 logger = logging.getLogger("signedrec.events")
 
@@ -45,6 +51,8 @@ MAX_ID_CHARS: Final[int] = 512
 SEGMENT_PATTERN: Final[re.Pattern[str]] = re.compile(r"events-(\d{20})\.log")
 LOCK_NAME: Final[str] = "LOCK"
 EVENTS_DIR: Final[str] = "events"  # the log's directory inside a server's state dir
+# Beside the log: the item catalogue (Artifact.catalogue_fingerprint) whose ids its events name.
+CATALOGUE_FILE: Final[str] = "catalogue"
 
 # Indirections so tests can inject disk failures without patching the os module for everyone.
 _write: Callable[[int, Any], int] = os.write
@@ -261,6 +269,38 @@ def _check_event(event: NewEvent, index: int) -> None:
     ts = event.ts
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts < 0:
         raise bad("ts", f"must be finite unix seconds >= 0, got {ts!r}")
+
+
+def catalogue_problem(state_dir: Path, fingerprint: str) -> str | None:
+    """Why a state dir's events belong to another item catalogue (None: this one, or unmarked)."""
+    try:
+        claimed = (Path(state_dir) / CATALOGUE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    if claimed == fingerprint:
+        return None
+    return (
+        f"{state_dir} holds the events of another item catalogue (items {claimed[:12]}..., "
+        f"here {fingerprint[:12]}...): the same item ids there name other items"
+    )
+
+
+def claim_catalogue(state_dir: Path, fingerprint: str) -> None:
+    """Mark a state dir as this catalogue's, refusing one marked for another.
+
+    Its log names items by id, and two artifact roots of one name share the default state dir:
+    replaying one catalogue's events into another would silently move them onto other items. A
+    state dir from before the marker is claimed as it is (nothing to check it against).
+    """
+    problem = catalogue_problem(state_dir, fingerprint)
+    if problem is not None:
+        raise ArtifactError(
+            f"{problem}; serve with --state-dir set to this catalogue's own state, or a new one",
+            {"state_dir": str(state_dir), "catalogue": fingerprint},
+        )
+    marker = Path(state_dir) / CATALOGUE_FILE
+    if not marker.exists():
+        atomic_write(marker, f"{fingerprint}\n".encode())
 
 
 class ReadReport(Base):

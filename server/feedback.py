@@ -17,7 +17,7 @@ import numpy as np
 from server.config import EventWeights
 from server.data import IdMap
 from server.errors import DataError
-from server.events import EVENTS_DIR, ReadReport, read_records
+from server.events import EVENTS_DIR, ReadReport, catalogue_problem, read_records
 
 PROGRESS_EVERY = 1_000_000  # records between progress lines while reading a log
 
@@ -60,15 +60,21 @@ def log_directory(path: Path) -> Path:
 def read_feedback(
     path: Path, users: IdMap, items: IdMap, weights: EventWeights, threshold: float,
     out: TextIO = sys.stderr, after_seq: int = 0, after_event_id: str | None = None,
+    catalogue: str | None = None,
 ) -> LogFeedback:  # fmt: skip
     """The complete events of a log after ``after_seq`` (a base version's watermark, whose event
-    there must be ``after_event_id``) as training feedback. An item outside the catalogue, or a
-    log that lacks events the model needs, is refused naming the log and the seq."""
+    there must be ``after_event_id``) as training feedback. An item outside the catalogue, a state
+    dir marked for another ``catalogue`` (fingerprint of the items' ids), or a log that lacks
+    events the model needs, is refused naming the log and the seq."""
     directory = log_directory(path)
-    report, batches = read_records(directory)
 
     def refuse(problem: str) -> DataError:
         return DataError(str(directory), None, problem)
+
+    foreign = None if catalogue is None else catalogue_problem(directory.parent, catalogue)
+    if foreign is not None:
+        raise refuse(f"{foreign}; train on the dataset whose items that server served")
+    report, batches = read_records(directory)
 
     if report.segments == 0:  # a server's log always has one: this is not a log directory
         raise refuse("no event log segments (events-*.log) here: give the server's state dir")

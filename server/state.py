@@ -26,7 +26,14 @@ from server.config import Config
 from server.data import IdMap
 from server.dedup import RecentIds
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
-from server.events import EVENTS_DIR, EventLog, EventRecord, NewEvent, OpenReport
+from server.events import (
+    EVENTS_DIR,
+    EventLog,
+    EventRecord,
+    NewEvent,
+    OpenReport,
+    claim_catalogue,
+)
 from server.feedback import rating_strength, strengths_by_kind
 from server.index import ItemIndex
 from server.propensity import Propensity
@@ -364,6 +371,7 @@ class LiveState:
 
     def open_log(self) -> OpenReport:
         """Open the event log, restore the snapshot if it fits, replay what follows it."""
+        claim_catalogue(self.state_dir, self.catalogue)  # before the log: never replay a stranger
         self.log, report = EventLog.open(self.state_dir / EVENTS_DIR, self.config.log)
         after = self.watermark
         if after > report.last_seq:

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.artifacts import Artifact, load_artifact, save_artifact
+from server.artifacts import Artifact, load_artifact, npy_sha256, save_artifact
 from server.config import EventWeights, Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.errors import ArtifactError, DataError
@@ -400,8 +400,9 @@ def _train_graph(
               flush=True)  # fmt: skip
     if events is None:
         return graph, users, None
-    feedback = read_feedback(events, users, IdMap.dense(dataset.n_items), weights or EventWeights(),
-                             threshold, out, after, after_id)  # fmt: skip
+    items = IdMap.dense(dataset.n_items)
+    feedback = read_feedback(events, users, items, weights or EventWeights(), threshold, out,
+                             after, after_id, npy_sha256(items.to_array()))  # fmt: skip
     graph = with_feedback(graph, feedback.users, feedback.items, feedback.strengths,
                           feedback.n_users)  # fmt: skip
     report = feedback.report

@@ -15,12 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.artifacts import MANIFEST, load_artifact
+from server.artifacts import MANIFEST, load_artifact, npy_sha256
 from server.cli import main
 from server.config import EventWeights, Hyper, load_config
 from server.data import IdMap, Interactions
 from server.errors import ArtifactError, DataError, LogCorruptError, LogUnavailableError
-from server.events import EventLog, NewEvent, read_records, segment_name
+from server.events import (
+    CATALOGUE_FILE,
+    EventLog,
+    NewEvent,
+    claim_catalogue,
+    read_records,
+    segment_name,
+)
 from server.feedback import read_feedback
 from server.graph import build_graph, with_feedback
 from server.state import LiveState
@@ -156,6 +163,46 @@ def test_an_item_outside_the_catalogue_names_the_event(tmp_path: Path) -> None:
     log.close_sync()
     with pytest.raises(DataError, match="event seq 2 names item '99'"):
         read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0)
+
+
+def test_a_log_of_another_catalogue_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """The same dense ids in another catalogue name other items: the state dir's marker says."""
+    log, _ = EventLog.open(tmp_path / "events", load_config(env={}).log)
+    log.append_sync([_event(1, "0", "3")])
+    log.close_sync()
+    ours, theirs = npy_sha256(IdMap.dense(8).to_array()), npy_sha256(IdMap.dense(9).to_array())
+    claim_catalogue(tmp_path, theirs)
+    for path in (tmp_path, tmp_path / "events"):  # the state dir or its log dir
+        with pytest.raises(DataError, match="another item catalogue"):
+            read_feedback(path, IdMap.dense(2), IdMap.dense(8), EventWeights(), 4.0,
+                          catalogue=ours)  # fmt: skip
+    read_feedback(tmp_path, IdMap.dense(2), IdMap.dense(9), EventWeights(), 4.0,
+                  io.StringIO(), catalogue=theirs)  # fmt: skip
+
+
+def test_npy_sha256_is_the_checksum_an_artifact_records(tiny_artifact: Path) -> None:
+    artifact = load_artifact(tiny_artifact)
+    assert npy_sha256(artifact.arrays["item_ids"]) == artifact.catalogue_fingerprint
+    assert npy_sha256(IdMap.dense(N_ITEMS).to_array()) == artifact.catalogue_fingerprint
+
+
+def test_a_state_dir_is_claimed_by_one_catalogue(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A fresh or unmarked state dir is claimed; one marked for another catalogue is refused
+    before its log is opened, so nothing of it is replayed onto the wrong items."""
+    state = _live(tiny_artifact, tmp_path / "state")
+    _post(state, [("e1", "0", "3", "like", None)])
+    state.log.close_sync()  # type: ignore[union-attr]
+    marker = tmp_path / "state" / CATALOGUE_FILE
+    assert marker.read_text().strip() == load_artifact(tiny_artifact).catalogue_fingerprint
+    marker.unlink()  # a state dir from before the marker: claimed as it is
+    _live(tiny_artifact, tmp_path / "state").log.close_sync()  # type: ignore[union-attr]
+    assert marker.exists()
+    marker.write_text("f" * 64 + "\n")
+    segments = sorted((tmp_path / "state" / "events").iterdir())
+    before = [p.read_bytes() for p in segments]
+    with pytest.raises(ArtifactError, match=r"another item catalogue.*--state-dir"):
+        _live(tiny_artifact, tmp_path / "state")
+    assert [p.read_bytes() for p in sorted((tmp_path / "state" / "events").iterdir())] == before
 
 
 def test_a_directory_without_a_log_is_refused(tmp_path: Path) -> None:

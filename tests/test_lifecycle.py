@@ -462,3 +462,39 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
     finally:
         fourth.stop()
     assert "replayed 0 events" in fourth.log_path.read_text()
+
+
+def test_a_state_dir_of_another_catalogue_is_refused_at_start(tmp_path: Path) -> None:
+    """Two artifact roots of one name share the default state dir: serving the second must stop
+    with a clear error instead of replaying the first's events onto its own items."""
+    first, second = tmp_path / "a" / "models", tmp_path / "b" / "models"
+    default = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / default, first / default)
+    base = load_artifact(first / default)
+    arrays = dict(base.arrays)
+    arrays["item_ids"] = np.asarray([f"x{i}" for i in arrays["item_ids"]])
+    save_artifact(second, arrays, _manifest(base.manifest, "other"), version=OTHER_CATALOGUE)
+    state = tmp_path / "state"
+    srv = _server(first, state)
+    try:
+        item = str(base.arrays["item_ids"][0])
+        assert srv.client.post("/v1/feedback", json=_event("u", item, "like")).status_code == 200
+    finally:
+        srv.stop()
+    segments = sorted((state / "events").iterdir())
+    before = [p.read_bytes() for p in segments]
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--artifact", str(second),
+         "--state-dir", str(state), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "another item catalogue" in refused.stderr
+    assert "--state-dir" in refused.stderr
+    assert [p.read_bytes() for p in sorted((state / "events").iterdir())] == before
+    again = _server(first, state)
+    try:  # the first catalogue still owns it, its event intact
+        history = again.client.get("/v1/users/u/history").json()["events"]
+        assert [e["item_id"] for e in history] == [item]
+    finally:
+        again.stop()
