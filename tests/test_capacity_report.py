@@ -64,3 +64,7 @@ def test_mixed_only_runs_say_the_ceiling_was_not_measured(
     text, _ = _render(tmp_path, monkeypatch, [_step("mixed", 3000, 2990)], 60)
     assert "not measured (this run's targets: mixed only)" in text
     assert "**not measured** (no 1000 req/s step in this run)" in text
+
+
+def test_locust_gets_half_the_cores_by_default() -> None:
+    assert [capacity.default_processes(c) for c in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
