@@ -64,11 +64,15 @@ class Step:
         )
 
 
+def metrics_lines(port: int) -> list[str]:
+    """The server's /metrics exposition, a line each."""
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+
+
 def cache_counts(port: int) -> tuple[float, float]:
     """The server's ranking-memo (hits, misses) so far, read from /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     counts = {"hit": 0.0, "miss": 0.0}
-    for line in text.splitlines():
+    for line in metrics_lines(port):
         if line.startswith("signedrec_ranking_cache_total{"):
             result = line.split('result="', 1)[1].split('"', 1)[0]
             counts[result] = float(line.rsplit(" ", 1)[1])
@@ -83,8 +87,7 @@ def default_processes(cores: int | None = None) -> int:
 
 def served_backend(port: int) -> str:
     """Where the server says its hot path runs (kernel backend, FAISS device), from /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    for line in text.splitlines():
+    for line in metrics_lines(port):
         if line.startswith("signedrec_backend_info{"):
             inner = line.split("{", 1)[1].split("}", 1)[0]
             labels = {k: v.strip('"') for k, v in (p.split("=", 1) for p in inner.split(","))}
@@ -188,6 +191,33 @@ def _plot(steps: list[Step], path: Path) -> None:
     plt.close(fig)
 
 
+def _bar_1000_text(step: Step | None, duration: int, passed: bool) -> str:
+    """The 1000 req/s bar's verdict: measured only by a 1000 req/s step held 60 s or more."""
+    if step is None:
+        return "**not measured** (no 1000 req/s step in this run)"
+    verdict = (
+        f"**not measured**: steps held {duration} s"
+        if duration < 60
+        else f"**{'PASS' if passed else 'FAIL'}**"
+    )
+    return (
+        f"{verdict} (achieved {step.achieved_rps:.1f}/s, p99 {step.p99_ms:.0f} ms, "
+        f"{step.failures} failures)"
+    )
+
+
+def _ceiling_text(ceiling: float, ratio: float, measured: bool, found: bool) -> str:
+    """The /healthz ceiling and the ratio to it, saying when no step failed to bound it."""
+    if not measured:
+        return "not measured (this run's targets: mixed only)."
+    if found:
+        return f"{ceiling:.0f} req/s; ratio {ratio:.2f} (aim >= 0.7)."
+    return (
+        f"not reached (every step up to {ceiling:.0f} req/s held), so the ratio {ratio:.2f} "
+        "is an upper bound (aim >= 0.7)."
+    )
+
+
 def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
     """Write <report>.md, .json and .png (capacity.* by default); return the markdown's path."""
     stem = REPORTS / args.report
@@ -253,26 +283,9 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         "",
         "## Bars",
         "- 1000 req/s offered for 60 s: achieved >= 990/s, p99 < 500 ms, 0 failures: "
-        + (
-            "**not measured** (no 1000 req/s step in this run)"
-            if at_1000 is None
-            else (
-                f"**not measured**: steps held {args.duration} s"
-                if args.duration < 60
-                else f"**{'PASS' if bar_1000 else 'FAIL'}**"
-            )
-            + f" (achieved {at_1000.achieved_rps:.1f}/s, p99 {at_1000.p99_ms:.0f} ms, "
-            f"{at_1000.failures} failures)"
-        ),
+        + _bar_1000_text(at_1000, args.duration, bar_1000),
         f"- Highest holding step: {best['mixed']:.0f} req/s; /healthz ceiling in the same run: "
-        + (
-            "not measured (this run's targets: mixed only)."
-            if not healthz
-            else f"{best['healthz']:.0f} req/s; ratio {ratio:.2f} (aim >= 0.7)."
-            if ceiling_found
-            else f"not reached (every step up to {best['healthz']:.0f} req/s held), so the "
-            f"ratio {ratio:.2f} is an upper bound (aim >= 0.7)."
-        ),
+        + _ceiling_text(best["healthz"], ratio, bool(healthz), ceiling_found),
         "",
         f"![latency against throughput]({stem.name}.png)",
     ]
