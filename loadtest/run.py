@@ -86,12 +86,14 @@ def default_processes(cores: int | None = None) -> int:
 
 
 def served_backend(port: int) -> str:
-    """Where the server says its hot path runs (kernel backend, FAISS device), from /metrics."""
+    """Where the server says its hot path runs (kernel backend, FAISS device, HTTP front), from
+    /metrics."""
     for line in metrics_lines(port):
         if line.startswith("signedrec_backend_info{"):
             inner = line.split("{", 1)[1].split("}", 1)[0]
             labels = {k: v.strip('"') for k, v in (p.split("=", 1) for p in inner.split(","))}
-            return f"kernels on {labels['kernels']}, FAISS on {labels['index']}"
+            front = f", HTTP by {labels['http']}" if "http" in labels else ""
+            return f"kernels on {labels['kernels']}, FAISS on {labels['index']}{front}"
     return "backend not reported"
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ from server.wire import (
 
 log = logging.getLogger("signedrec.api")
 EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
+GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long after SIGTERM
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -419,7 +421,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """``signedrec serve``: resolve artifact/state/config, then run uvicorn on uvloop."""
+    """``signedrec serve``: resolve artifact/state/config, then run the HTTP front on uvloop."""
     from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, build_default
 
     config = load_config(args.config)
@@ -428,18 +430,6 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.server.port
     state_dir = Path(args.state_dir or config.server.state_dir or default_state_dir(artifact))
     app = create_app(artifact, state_dir, config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            log_level=config.server.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-    )
     # Bind before anything loads: a taken port then fails in milliseconds instead of after
     # training, loading and replaying the event log.
     try:
@@ -447,16 +437,75 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return EXIT_STARTUP_FAILURE
-    log.info("listening on http://%s:%d; loading %s", host, sock.getsockname()[1], artifact)
+    log.info("listening on http://%s:%d (%s); loading %s", host, sock.getsockname()[1],
+             config.server.http, artifact)  # fmt: skip
     if args.artifact is None and not list_versions(artifact):
         log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
         build_default()
     service: Service = app.state["service"]
-    service.on_load_failure = lambda: setattr(server, "should_exit", True)
-    server.run(sockets=[sock])
+    run = run_granian if config.server.http == "granian" else run_uvicorn
+    started = run(app, sock, service, config)
     failure = service.load_error
     if isinstance(failure, SignedrecError):
         raise failure  # the CLI prints its message and exits 2, like any bad input
-    if failure is not None or not server.started:
+    if failure is not None or not started:
         return EXIT_STARTUP_FAILURE  # a bug: its traceback is in the log
     return 0
+
+
+def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:
+    """Serve ``app`` on ``sock`` with uvicorn (httptools on the loop thread); whether it started."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="uvloop",
+            http="httptools",
+            log_level=config.server.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    service.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[sock])
+    return bool(server.started)
+
+
+def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:
+    """Serve ``app`` with granian embedded in this process (HTTP on its Rust threads, the app on
+    this uvloop loop); whether it started. SIGTERM and SIGINT stop it gracefully."""
+    import uvloop
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    host, port = sock.getsockname()[:2]
+    # granian binds its own socket (SO_REUSEPORT on Linux), so the check socket goes first.
+    sock.close()
+    server = Server(
+        app,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        runtime_threads=config.server.http_threads,
+        websockets=False,
+        log_level=LogLevels(config.server.log_level),
+        # Its messages go through the CLI's handler and format, like everything else's.
+        log_dictconfig={"loggers": {"_granian": {"handlers": [], "propagate": True}}},
+        log_access=False,
+    )
+    server.workers_kill_timeout = GRACEFUL_SHUTDOWN_S
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, server.stop)
+        service.on_load_failure = server.stop
+        await server.serve()
+
+    try:
+        uvloop.run(main())
+    except Exception:  # granian's own startup errors
+        log.exception("granian stopped with an error")
+        return False
+    # The app's startup hook is what starts loading: it ran, so the server listened.
+    return service.loading is not None

@@ -31,8 +31,9 @@ class Metrics:
         self.users = Gauge("signedrec_users", "Users known", registry=r)
         self.model = Gauge("signedrec_model_info", "Loaded model", ["version"], registry=r)
         self.backend = Gauge(
-            "signedrec_backend_info", "Where the hot path runs: kernel backend, FAISS device",
-            ["kernels", "index"], registry=r,
+            "signedrec_backend_info",
+            "Where the hot path runs: kernel backend, FAISS device, HTTP front",
+            ["kernels", "index", "http"], registry=r,
         )  # fmt: skip
         self.shed = Counter(
             "signedrec_shed_total", "Requests shed over the in-flight bound", ["route"], registry=r

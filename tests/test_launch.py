@@ -38,7 +38,8 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
     assert server.stop() == 2
 
 
-def test_a_taken_port_fails_before_anything_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["uvicorn", "granian"])
+def test_a_taken_port_fails_before_anything_loads(tmp_path: Path, front: str) -> None:
     """Exit 3 naming the address, without loading the artifact or creating the state."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -46,7 +47,7 @@ def test_a_taken_port_fails_before_anything_loads(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         server = ServeProcess(
             DEFAULT_ARTIFACTS, tmp_path / "state", tmp_path / "server.log",
-            {"SIGNEDREC_KERNELS__BACKEND": "cpu"}, port=port,
+            {"SIGNEDREC_KERNELS__BACKEND": "cpu", "SIGNEDREC_SERVER__HTTP": front}, port=port,
         )  # fmt: skip
         with pytest.raises(RuntimeError, match="server exited with 3") as caught:
             server.wait_ready(timeout_s=120.0)

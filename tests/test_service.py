@@ -44,9 +44,19 @@ class Server(ServeProcess):
         return super().stop(sig, timeout_s)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("state") / "s")
+# Every HTTP front `server.http` offers runs the same behaviour suite.
+FRONTS = ("uvicorn", "granian")
+
+
+def front_env(front: str) -> dict[str, str]:
+    """The environment that serves through ``front``."""
+    return {"SIGNEDREC_SERVER__HTTP": front}
+
+
+@pytest.fixture(scope="module", params=FRONTS)
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+           ) -> Iterator[Server]:  # fmt: skip
+    srv = Server(tmp_path_factory.mktemp("state") / "s", front_env(request.param))
     yield srv
     srv.stop()
 
@@ -69,7 +79,7 @@ def _event(user: str, item: str, kind: str, value: float | None = None) -> dict[
     return body
 
 
-def test_shapes(server: Server) -> None:
+def test_shapes(server: Server, request: pytest.FixtureRequest) -> None:
     assert server.client.get("/healthz").json() == {"status": "ok", "model_version": None,
                                                      "events_applied": 0}  # fmt: skip
     body = server.client.get("/v1/recommendations/3", params={"k": 7}).json()
@@ -95,7 +105,9 @@ def test_shapes(server: Server) -> None:
         assert f'signedrec_request_seconds_count{{route="{route}"}}' in metrics
     assert "signedrec_index_items" in metrics
     index_device = "gpu" if gpu_count()[0] else "cpu"  # index.device "auto", as the server's
-    assert f'signedrec_backend_info{{index="{index_device}",kernels="cpu"}} 1.0' in metrics
+    front = request.node.callspec.params["server"]
+    backend = f'{{http="{front}",index="{index_device}",kernels="cpu"}}'
+    assert f"signedrec_backend_info{backend} 1.0" in metrics
 
 
 def test_trained_items_are_excluded(server: Server) -> None:
@@ -245,16 +257,17 @@ def test_no_bad_event_is_logged(server: Server) -> None:
     assert server.client.get(f"/v1/users/{user}/history").status_code == 404
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_restart_keeps_state(tmp_path: Path, sig: int) -> None:
-    srv = Server(tmp_path / "state")
+def test_restart_keeps_state(tmp_path: Path, sig: int, front: str) -> None:
+    srv = Server(tmp_path / "state", front_env(front))
     users = [f"restart-{i}" for i in range(3)] + ["3"]
     for n, user in enumerate(users):
         _post(srv, [_event(user, item, kind) for item, kind in
                     (("21", "like"), ("50", "dislike"), (str(7 + n), "like"))])  # fmt: skip
     before = {u: (_recs(srv, u), srv.client.get(f"/v1/users/{u}/history").json()) for u in users}
     srv.stop(sig)
-    again = Server(tmp_path / "state")
+    again = Server(tmp_path / "state", front_env(front))
     try:
         for user, (recs, history) in before.items():
             assert _recs(again, user) == recs
@@ -285,15 +298,16 @@ def _state_of(srv: Server, users: list[str]) -> dict[str, tuple[list[str], objec
     return {u: (_recs(srv, u), srv.client.get(f"/v1/users/{u}/history").json()) for u in users}
 
 
-def test_snapshot_restores_after_sigterm(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "state")
+@pytest.mark.parametrize("front", FRONTS)
+def test_snapshot_restores_after_sigterm(tmp_path: Path, front: str) -> None:
+    srv = Server(tmp_path / "state", front_env(front))
     users = ["snap-a", "snap-b", "5"]
     for user in users:
         _post(srv, [_event(user, "21", "like"), _event(user, "50", "dislike")])
     before = _state_of(srv, users)
     srv.stop(signal.SIGTERM)
     assert (tmp_path / "state" / "snapshot.msgpack").is_file()
-    again = Server(tmp_path / "state")
+    again = Server(tmp_path / "state", front_env(front))
     try:
         assert _state_of(again, users) == before
     finally:
@@ -483,9 +497,10 @@ def test_corrupt_snapshot_is_ignored(tmp_path: Path) -> None:
     assert "ignoring snapshot" in again.log_path.read_text()
 
 
-def test_corrupt_event_log_stops_the_server_naming_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_corrupt_event_log_stops_the_server_naming_the_file(tmp_path: Path, front: str) -> None:
     """A server that cannot replay its log exits 2 and says where, instead of a silent 503."""
-    srv = Server(tmp_path / "state")
+    srv = Server(tmp_path / "state", front_env(front))
     for n in range(5):
         assert _post(srv, [_event("corrupt", str(n), "like")]).status_code == 200
     srv.stop(signal.SIGKILL)  # no snapshot: the restart must replay every record
@@ -494,6 +509,6 @@ def test_corrupt_event_log_stops_the_server_naming_the_file(tmp_path: Path) -> N
     damaged[30] ^= 0xFF  # inside the first record, with good records after it
     segment.write_bytes(bytes(damaged))
     with pytest.raises(RuntimeError, match="server exited with 2") as caught:
-        Server(tmp_path / "state")
+        Server(tmp_path / "state", front_env(front))
     assert segment.name in str(caught.value)
     assert segment.read_bytes() == bytes(damaged)  # refused, not repaired or truncated
