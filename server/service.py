@@ -103,8 +103,9 @@ class Service:
         self.batcher = MicroBatcher(state.recommend_many, on_batch=self.metrics.batch.observe)
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
-        self.metrics.backend.labels(kernels.backend, state.item_side.index.device,
-                                    self.config.server.http).set(1)
+        self.metrics.backend.labels(
+            kernels.backend, state.item_side.index.device, self.config.server.http
+        ).set(1)
         self.metrics.events.inc(state.events_applied)
         # A long replay is snapshotted once serving, paced like a periodic one, so the next
         # start is quick and this one's ready is not delayed.
