@@ -64,6 +64,9 @@ from server.wire import (
 log = logging.getLogger("signedrec.api")
 EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long after SIGTERM
+# Pending connections the kernel queues; uvicorn's default. (Embedded granian's is 128: with
+# 200 clients connecting at once a third of them stalled for a whole 30 s load step.)
+LISTEN_BACKLOG = 2048
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -487,6 +490,7 @@ def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Co
         port=port,
         interface=Interfaces.ASGI,
         runtime_threads=config.server.http_threads,
+        backlog=LISTEN_BACKLOG,
         websockets=False,
         log_level=LogLevels(config.server.log_level),
         # Its messages go through the CLI's handler and format, like everything else's.
