@@ -410,7 +410,8 @@ def default_state_dir(artifact: Path) -> Path:
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (IPv6 when the host is), for uvicorn to listen on."""
+    """A TCP socket bound to ``host:port`` (IPv6 when the host is): uvicorn listens on it, for
+    granian it is the check that the address is free before anything loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family=family)
     try:
