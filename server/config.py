@@ -7,7 +7,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -157,6 +157,10 @@ class EventLogConfig(Base):
     retention: Literal["all", "trained"] = "all"
 
 
+HttpFront = Literal["uvicorn", "granian"]
+HTTP_FRONTS: tuple[str, ...] = get_args(HttpFront)
+
+
 class ServerConfig(Base):
     """HTTP limits and addresses."""
 
@@ -173,7 +177,7 @@ class ServerConfig(Base):
     # loop thread, which bounds throughput, then spends ~35% less per request (loadtest on the
     # H100 machine: 5000 req/s holds under granian, not under uvicorn). uvicorn stays the default
     # because granian's embedded mode is marked experimental upstream.
-    http: Literal["uvicorn", "granian"] = "uvicorn"
+    http: HttpFront = "uvicorn"
     http_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2  # granian's Rust I/O threads
     # Garbage collector: once loaded, the state's containers are frozen out of collections, and
     # the youngest generation is collected every this many net allocations (CPython: 700),

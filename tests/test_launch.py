@@ -9,6 +9,7 @@ import pytest
 
 import kernels
 from server.cli import DEFAULT_ARTIFACTS
+from server.config import HTTP_FRONTS
 from server.launch import ServeProcess, child_environment
 
 
@@ -38,7 +39,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
     assert server.stop() == 2
 
 
-@pytest.mark.parametrize("front", ["uvicorn", "granian"])
+@pytest.mark.parametrize("front", HTTP_FRONTS)
 def test_a_taken_port_fails_before_anything_loads(tmp_path: Path, front: str) -> None:
     """Exit 3 naming the address, without loading the artifact or creating the state."""
     with socket.socket() as holder:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.config import HTTP_FRONTS
 from server.index import gpu_count
 from server.launch import STOP_TIMEOUT_S, ServeProcess, free_port
 
@@ -46,7 +47,7 @@ class Server(ServeProcess):
 
 
 # Every HTTP front `server.http` offers runs the same behaviour suite.
-FRONTS = ("uvicorn", "granian")
+FRONTS = HTTP_FRONTS
 CONNECTION_BURST = 400  # clients connecting at once
 
 
