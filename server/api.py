@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import msgspec
@@ -470,8 +471,20 @@ def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Co
         )
     )
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
-    server.run(sockets=[sock])
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the stop
+    # signal again; a handler that does nothing here makes that a no-op, so a SIGTERM'd serve
+    # exits 0 as it does under granian, instead of dying by the signal after a clean stop.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return bool(server.started)
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """Swallow the stop signal uvicorn raises again once it has shut down gracefully."""
 
 
 def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:

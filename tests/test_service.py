@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -296,6 +297,61 @@ def test_restart_keeps_state(tmp_path: Path, sig: int, front: str) -> None:
         for user, (recs, history) in before.items():
             assert _recs(again, user) == recs
             assert again.client.get(f"/v1/users/{user}/history").json() == history
+    finally:
+        again.stop()
+
+
+DRAIN_WRITERS = 8  # clients posting feedback when SIGTERM arrives
+DRAIN_MAX_EVENTS = 1500  # per writer, under the history's default read limit of the test
+
+
+def _post_until_refused(
+    url: str, user: str, started: threading.Event
+) -> tuple[list[str], list[int]]:
+    """Post one new like at a time until the server stops answering; acknowledged ids, statuses."""
+    acked: list[str] = []
+    statuses: list[int] = []
+    with httpx.Client(base_url=url, timeout=STOP_TIMEOUT_S) as client:
+        for n in range(DRAIN_MAX_EVENTS):
+            event = _event(user, str(n % 40), "like")
+            try:
+                r = client.post("/v1/feedback", json=event)
+            except httpx.TransportError:
+                break  # the listener is gone: nothing was acknowledged for this one
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                break
+            acked.append(str(event["event_id"]))
+            started.set()
+    return acked, statuses
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_sigterm_under_write_load_keeps_every_acknowledged_event(tmp_path: Path, front: str
+                                                                 ) -> None:  # fmt: skip
+    """Writers post until SIGTERM stops the server: it exits 0, answers nothing with a 5xx other
+    than a shed 503, and every event it acknowledged is there after the restart."""
+    srv = Server(tmp_path / "state", front_env(front))
+    started = threading.Event()
+    users = [f"drain-{n}" for n in range(DRAIN_WRITERS)]
+    with ThreadPoolExecutor(DRAIN_WRITERS) as pool:
+        futures = [pool.submit(_post_until_refused, srv.url, u, started) for u in users]
+        assert started.wait(30.0)
+        time.sleep(0.5)  # writes from every client are in flight
+        assert srv.stop(signal.SIGTERM) == 0
+        results = [f.result() for f in futures]
+    statuses = [s for _, got in results for s in got]
+    assert all(s in (200, 503) for s in statuses), sorted(set(statuses))
+    acked = {u: ids for u, (ids, _) in zip(users, results, strict=True)}
+    assert sum(map(len, acked.values())) > DRAIN_WRITERS
+    assert all(len(ids) < DRAIN_MAX_EVENTS for ids in acked.values())  # SIGTERM cut every one
+    again = Server(tmp_path / "state", front_env(front))
+    try:
+        for user, ids in acked.items():
+            limit = {"limit": DRAIN_MAX_EVENTS}
+            events = again.client.get(f"/v1/users/{user}/history", params=limit).json()["events"]
+            kept = {e["event_id"] for e in events}
+            assert set(ids) <= kept, f"{user}: {len(set(ids) - kept)} acknowledged events lost"
     finally:
         again.stop()
 
