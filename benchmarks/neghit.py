@@ -18,7 +18,9 @@ then scores valid and test with two families of dislike avoidance on the selecte
   regressions fitted on the valid split (features: the model's score and rank, the autoencoder's
   like- and dislike-target scores, user and item dislike-rate logits, the largest cosine to the
   user's train dislikes and likes, popularity and activity) give P(like) and P(dislike); items
-  rank by ``P(like) - lambda P(dislike)``. Its valid figures are in-sample.
+  rank by ``P(like) - lambda P(dislike)``. Its valid figures are cross-fitted: each valid user
+  is scored by regressions fitted on the other ``FOLDS - 1`` folds of valid users, so they are
+  out of sample like the test figures (which use the regressions fitted on every valid user).
 - learned *set*: the same two probabilities, but ``lambda`` only decides which ``K`` items make
   the list (per user, scaled by that user's expected ideal DCG) and P(like) orders them: NegHit@K
   does not depend on the order, while NDCG rewards likes on top, and a hit is worth less NDCG to a
@@ -67,8 +69,10 @@ TARGETS = (0.0, -0.5, -1.0, -2.0)  # dislike weights in the target, besides the 
 PROPENSITY = (0.0, 1.0, 2.0, 3.0)
 SUPPRESSION = (0.2, 0.5, 1.0)  # served dislike look-alike suppression strengths to list
 CANDIDATES = 100  # per user, re-ranked by the learned variants
-LEARNED = (0.0, 0.5, 1.0, 2.0)  # lambda: weight of P(dislike) against P(like)
-LEARNED_SET = (0.25, 0.5, 0.75, 1.0, 1.5)  # lambda of the set-only variant (ordered by P(like))
+LEARNED = (0.0, 0.5, 0.6, 0.7, 1.0, 2.0)  # lambda: weight of P(dislike) against P(like)
+LEARNED_SET = (0.25, 0.5, 0.6, 0.75, 1.0, 1.5)  # lambda of the set-only variant (P(like) order)
+FOLDS = 5  # valid users are split this many ways to cross-fit the re-ranker
+FOLD_SEED = 0
 SET_ALPHA = 0.5  # a user's expected positives in the evaluated split per train like
 # Diagnostic: is a dislike personal beyond "this user dislikes often, this item is often
 # disliked"? A logistic matrix factorisation with biases on the train exposures says.
@@ -76,6 +80,10 @@ SIGN_MF_DIM = 32
 SIGN_MF_L2 = 3.0
 SIGN_MF_EPOCHS = 300
 SIGN_MF_LR = 0.05
+
+
+# P(like), P(dislike) for each user's candidates, shaped like the candidates.
+Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def progress(message: str) -> None:
@@ -272,9 +280,37 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     fitted = np.unique(dataset.valid.users).astype(np.int64)
     fitted_cands = candidates(fitted)[0]
     reranker.fit(fitted, fitted_cands, valid)
-    diagnostics = {"sign_auc_valid": reranker.sign_auc(fitted, fitted_cands, valid)}
+    # Cross-fitting: the fold models score valid users they were not fitted on.
+    fold_of = np.full(dataset.n_users, -1, dtype=np.int64)
+    fold_of[fitted] = np.random.default_rng(FOLD_SEED).integers(0, FOLDS, len(fitted))
+    folds = []
+    for fold in range(FOLDS):
+        held = fold_of[fitted] == fold
+        model = Reranker(features)
+        model.fit(fitted[~held], fitted_cands[~held], valid)
+        folds.append(model)
+        progress(f"{dataset.name}: re-ranker fold {fold + 1}/{FOLDS} fitted")
 
-    def variants(users: np.ndarray) -> dict[str, np.ndarray]:
+    def out_of_fold(users: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(like), P(dislike) of valid users from the fold models that did not see them."""
+        like = np.zeros(cands.shape, np.float32)
+        dislike = np.zeros(cands.shape, np.float32)
+        for fold, model in enumerate(folds):
+            rows = np.flatnonzero(fold_of[users] == fold)
+            if rows.size:
+                like[rows], dislike[rows] = model.predict(users[rows], cands[rows])
+        return like, dislike
+
+    oof_like, oof_dislike = out_of_fold(fitted, fitted_cands)
+    liked, disliked = candidate_labels(valid, fitted, fitted_cands)
+    exposed = liked | disliked
+    share = oof_dislike / np.maximum(oof_like + oof_dislike, 1e-12)
+    diagnostics = {
+        "sign_auc_valid": reranker.sign_auc(fitted, fitted_cands, valid),
+        "sign_auc_valid_cross_fitted": auc(share[exposed], disliked[exposed]),
+    }
+
+    def variants(users: np.ndarray, predict: Predict) -> dict[str, np.ndarray]:
         base = np.asarray(z[users] @ operator)
         neg = np.asarray(z[users] @ b_neg)
         logits = user_logit[users][:, None] + item_logit[None, :] - mean_logit
@@ -288,7 +324,7 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
             for a in PROPENSITY:
                 out[f"t={t:g} a={a:g}"] = scores * keep**a if a else scores
         cands = candidates(users)[0]
-        like, dislike = reranker.predict(users, cands)
+        like, dislike = predict(users, cands)
         rows = np.arange(len(users))[:, None]
         for lam in LEARNED:
             learned = np.full(base.shape, -np.inf, np.float32)
@@ -302,8 +338,11 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
             out[f"learned set lambda={lam:g}"] = ordered
         return out
 
-    results = {split: evaluate_variants(variants, truth, masked)
-               for split, truth in (("valid", valid), ("test", test))}  # fmt: skip
+    results = {
+        split: evaluate_variants(lambda users, p=predict: variants(users, p), truth, masked)
+        for split, truth, predict in (("valid", valid, out_of_fold),
+                                      ("test", test, reranker.predict))
+    }  # fmt: skip
     rows = [
         {"variant": name, **names[name], "valid": results["valid"][name],
          "test": results["test"][name]}
@@ -378,7 +417,8 @@ def markdown(record: dict[str, Any]) -> str:
         "weight on dislikes in its target (the selected model uses its input weight), `a` "
         "the exponent of the dislike-propensity factor (0: none); `learned lambda` re-ranks "
         f"the top {CANDIDATES} by P(like) - lambda P(dislike) from two logistic regressions "
-        "fitted on valid (so its valid figures are in-sample); `learned set lambda` uses the "
+        f"fitted on valid (its valid figures cross-fitted over {FOLDS} folds of valid users, "
+        "so out of sample); `learned set lambda` uses the "
         "same probabilities to pick each user's 20 (lambda scaled by the user's expected ideal "
         f"DCG, from {SET_ALPHA:g} x its train likes) and orders them by P(like). *both* marks "
         "test NDCG@20 above EASE's and at least SIGformer's, and NegHit@20 at most "
@@ -410,6 +450,7 @@ def markdown(record: dict[str, Any]) -> str:
                 "",
                 "Learned re-ranker, AUC of P(dislike) / (P(like) + P(dislike)) for telling a "
                 f"candidate's dislike from a like: valid (in-sample) {d['sign_auc_valid']:.3f}, "
+                f"valid cross-fitted {d.get('sign_auc_valid_cross_fitted', float('nan')):.3f}, "
                 f"test {d['sign_auc_test']:.3f}; the item's dislike rate alone, test "
                 f"{d['sign_auc_test_item_logit_only']:.3f}.",
             ]
