@@ -15,6 +15,10 @@ Three parts, each against the real ``signedrec serve`` process over HTTP:
   reloaded to another version and rolled back several times; every failed request is counted.
 - **soak**: ``--soak-seconds`` of steady mixed load (``--soak-rate`` req/s) with the server's RSS
   sampled every 5 s; growth after the warm-up is reported.
+- **retrain**: the same feedback stream while ``--retrains`` versions are trained on the live log
+  (``signedrec train --events``), each reloaded mid-stream and followed by a SIGKILL and restart;
+  at the end the served state is audited against the log: events up to the served version's
+  watermark must be its trained edges (latest sign per pair), later ones online exactly once.
 
 Writes ``benchmarks/reports/reliability.{md,json,png}``; progress lines go to stderr.
 """
@@ -43,6 +47,10 @@ import numpy as np
 
 from benchmarks.quality import git_state
 from server.artifacts import list_versions, load_artifact, save_artifact
+from server.cli import DEFAULT_DATA, DEFAULT_THRESHOLD
+from server.config import EventWeights
+from server.events import read_records
+from server.feedback import rating_strength, strengths_by_kind
 from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -389,6 +397,162 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
         "server_env": {**SERVER_ENV, **env},
     }
     result["pass"] = not (lost or doubled or unknown or mismatched or result["reloads_failed"])
+    return result
+
+
+# -- (d) retrain from the live log -------------------------------------------------------------
+async def _train_on_log(root: Path, state_dir: Path, served: Path) -> tuple[Path, float]:
+    """``signedrec train --events`` on the embedded default's data while the server writes."""
+    command = [sys.executable, "-m", "server.cli", "train", "--data", str(DEFAULT_DATA),
+               "--threshold", f"{DEFAULT_THRESHOLD:g}", "--out", str(root), "--events",
+               str(state_dir), "--hyper-from", str(served)]  # fmt: skip
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {err[-2000:]!r}")
+    return Path(out.decode().strip().splitlines()[-1]), time.monotonic() - started
+
+
+async def _full_histories(port: int, users: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every user's whole history (logged events and trained edges), newest first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    conn = Conn(port)
+    for user in users:
+        status, body = await conn.request("GET", f"/v1/users/{user}/history?limit={HISTORY_LIMIT}")
+        if status not in (200, 404):
+            raise RuntimeError(f"history of {user} answered {status}: {body[:300]!r}")
+        out[user] = json.loads(body)["events"] if status == 200 else []
+        if len(out[user]) >= HISTORY_LIMIT:
+            raise RuntimeError(f"history of {user} reached the limit; use more users")
+    conn.close()
+    return out
+
+
+def audit_against_log(
+    state_dir: Path, watermark: int, acked: set[str], histories: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Check the served state against the log itself: every acknowledged event is logged once;
+    those after ``watermark`` are online history rows exactly once, none up to it is; for each
+    (user, item) whose latest logged event is at or before it, a trained edge of that sign."""
+    report, batches = read_records(state_dir / "events")
+    records = [r for batch in batches for r in batch]
+    logged = collections.Counter(r.event_id for r in records)
+    weights, threshold = EventWeights(), DEFAULT_THRESHOLD
+    by_kind = strengths_by_kind(weights)
+    latest: dict[tuple[str, str], Any] = {}
+    for r in records:  # seq order: the last one per pair wins, as the server folds them
+        latest[(r.user_id, r.item_id)] = r
+    online = collections.Counter(e["event_id"] for events in histories.values()
+                                 for e in events if e["event_id"] is not None)  # fmt: skip
+    trained = {(user, e["item_id"]): e["kind"] for user, events in histories.items()
+               for e in events if e["event_id"] is None}  # fmt: skip
+    after = {r.event_id for r in records if r.seq > watermark}
+    sign_wrong = 0
+    for (user, item), r in latest.items():
+        if r.seq > watermark:
+            continue
+        strength = (rating_strength(r.value, threshold, weights) if r.kind == "rating"
+                    else by_kind[r.kind])  # fmt: skip
+        kind = trained.get((user, item))
+        sign_wrong += kind is None or (kind == "like") != (strength > 0)
+    return {
+        "log_records": len(records),
+        "log_unread_tail": report.unread_tail,
+        "watermark": watermark,
+        "trained_pairs_checked": sum(r.seq <= watermark for r in latest.values()),
+        "lost_from_log": len(acked - set(logged)),
+        "doubled_in_log": sum(n > 1 for n in logged.values()),
+        "online_missing": len(after - set(online)),
+        "online_doubled": sum(n > 1 for n in online.values()),
+        "replayed_though_trained": sum(1 for i in online if i in logged and i not in after),
+        "trained_sign_wrong": sign_wrong,
+    }
+
+
+async def retrain_benchmark(tmp: Path, retrains: int, seed: int) -> dict[str, Any]:
+    """Versions trained on the live log under a feedback stream, reloaded, then SIGKILL."""
+    rng = random.Random(seed + 1)
+    items, trained_users = catalogue()
+    users = [f"retrain-{i}" for i in range(250)] + trained_users[:50]
+    root = tmp / "retrain-root"
+    source = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / source, root / source)
+    state_dir = tmp / "retrain-state"
+    log_path = tmp / "retrain-server.log"
+    env = {"SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2000"}
+    ledger = CrashLedger()
+    counter: collections.Counter[str] = collections.Counter()
+    rows: list[dict[str, Any]] = []
+    for cycle in range(retrains):
+        server = Server(root, state_dir, log_path, env)
+        row: dict[str, Any] = {"cycle": cycle, "ready_s": round(await server.until_ready(), 3)}
+        acked_before = len(ledger.acked)
+        stop = asyncio.Event()
+        senders = [
+            asyncio.create_task(_crash_sender(server.port, ledger, stop, random.Random(
+                rng.random()), f"r{cycle}s{n}", users, items, counter))
+            for n in range(4)
+        ]  # fmt: skip
+        await asyncio.sleep(rng.uniform(0.5, 2.0))
+        served = root / list_versions(root)[-1]
+        version, row["train_s"] = await _train_on_log(root, state_dir, served)
+        row["trained"] = version.name
+        row["watermark"] = load_artifact(version, verify=False).watermark
+        admin = Conn(server.port)
+        status, _ = await admin.request(
+            "POST", "/v1/admin/model/reload", json.dumps({"version": version.name}).encode()
+        )
+        admin.close()
+        row["reload_status"] = status
+        await asyncio.sleep(rng.uniform(0.1, 1.0))
+        server.kill()
+        stop.set()
+        await asyncio.gather(*senders)
+        text = server.log_text()
+        replay = re.findall(r"replayed (\d+) events", text)
+        row["replayed_at_start"] = int(replay[-1]) if replay else None
+        row["acked"] = len(ledger.acked) - acked_before
+        rows.append(row)
+        progress(f"retrain {cycle + 1}/{retrains}: trained {version.name} (watermark "
+                 f"{row['watermark']}) in {row['train_s']:.1f} s under the stream, reload "
+                 f"{status}, +{row['acked']} acked, killed")  # fmt: skip
+    # A final start: it serves the last version (pinned by its reload) and replays the rest.
+    server = Server(root, state_dir, log_path, env)
+    final_ready = await server.until_ready()
+    # Events whose answer a kill swallowed are sent again, as an at-least-once client would.
+    resend = [ev for batch in ledger.in_doubt for ev in batch]
+    conn = Conn(server.port)
+    if resend:
+        status, body = await conn.request("POST", "/v1/feedback", json.dumps(resend).encode())
+        if status != 200:
+            raise RuntimeError(f"re-sending {len(resend)} events answered {status}: {body!r}")
+        ledger.acked.update(ev["event_id"] for ev in resend)
+    status, body = await conn.request("GET", "/healthz")
+    conn.close()
+    served_version = json.loads(body)["model_version"]
+    histories = await _full_histories(server.port, users)
+    server.stop()
+    served = root / (served_version or list_versions(root)[-1])
+    audit = audit_against_log(state_dir, load_artifact(served, verify=False).watermark,
+                              ledger.acked, histories)  # fmt: skip
+    result = {
+        "retrains": retrains,
+        "users": len(users),
+        "events_sent": len(ledger.sent),
+        "events_acked": len(ledger.acked),
+        "resent_after_last_kill": len(resend),
+        "served_at_end": served.name,
+        "final_ready_s": round(final_ready, 3),
+        "reloads_failed": sum(r["reload_status"] != 200 for r in rows),
+        "cycles_detail": rows,
+        **audit,
+    }
+    result["pass"] = not any(result[k] for k in (
+        "reloads_failed", "lost_from_log", "doubled_in_log", "online_missing", "online_doubled",
+        "replayed_though_trained", "trained_sign_wrong"))  # fmt: skip
     return result
 
 
@@ -784,6 +948,9 @@ def write_png(result: dict[str, Any], path: Path) -> None:
 def write_md(result: dict[str, Any], path: Path) -> None:
     """The human-readable report."""
     crash, reload, soak = result["crash"], result["reload"], result["soak"]
+    retrain = result["retrain"]
+    online_ok = not (retrain["online_missing"] or retrain["online_doubled"]
+                     or retrain["replayed_though_trained"])  # fmt: skip
     m = result["machine"]
     lines = [
         "# Reliability benchmark",
@@ -820,6 +987,19 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"{verdict(None if soak.get('rss_growth_pct') is None else soak['rss_growth_pct'] < 5)} |",
         f"| soak: failed requests = 0 | {soak['requests_failed']} | "
         f"{verdict(soak['requests_failed'] == 0)} |",
+        f"| retrain: acknowledged events lost from the log / doubled in it = 0 | "
+        f"{retrain['lost_from_log']} / {retrain['doubled_in_log']} | "
+        f"{verdict(retrain['lost_from_log'] == 0 and retrain['doubled_in_log'] == 0)} |",
+        f"| retrain: events after the watermark online exactly once, none before it | "
+        f"{retrain['online_missing']} missing, {retrain['online_doubled']} doubled, "
+        f"{retrain['replayed_though_trained']} replayed though trained | "
+        f"{verdict(online_ok)} |",
+        f"| retrain: each pair's latest trained event is a trained edge of its sign | "
+        f"{retrain['trained_sign_wrong']} wrong of {retrain['trained_pairs_checked']:,} | "
+        f"{verdict(retrain['trained_sign_wrong'] == 0)} |",
+        f"| retrain: every reload of a freshly trained version answered 200 | "
+        f"{retrain['retrains'] - retrain['reloads_failed']}/{retrain['retrains']} | "
+        f"{verdict(retrain['reloads_failed'] == 0)} |",
         "",
         f"## (a) Crash recovery: {crash['cycles']} SIGKILLs",
         "",
@@ -953,6 +1133,41 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"| RSS growth after warm-up | {soak.get('rss_growth_pct')}% (slope "
         f"{soak.get('rss_slope_mb_per_hour')} MiB/h) |",
         "",
+        f"## (d) Retrain on the live log: {retrain['retrains']} versions",
+        "",
+        "The same four senders as (a), over 250 new and 50 trained users. In each cycle the "
+        "server starts on the root it was left with; after 0.5–2 s of stream "
+        "`signedrec train --data model_artifacts/default-data --threshold 4 --out ROOT --events "
+        "STATE_DIR --hyper-from NEWEST` runs as its own process, reading the log while the "
+        "server appends to it; the new version is reloaded mid-stream and the server is "
+        "SIGKILLed 0.1–1 s later. A final start serves the last version (pinned by its "
+        "reload) and replays the events after its watermark; the batches a kill left "
+        "unanswered are re-sent once. The audit reads the log itself (`read_records`) and "
+        "every user's whole history: an event after the served version's watermark must be an "
+        "online row exactly once; one at or before it must not be (it is in the trained "
+        "graph), and for each (user, item) whose latest logged event is at or before it the "
+        "history must hold a trained edge of that event's sign.",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| events sent / acknowledged (re-sent after the last kill) | "
+        f"{retrain['events_sent']:,} / {retrain['events_acked']:,} "
+        f"({retrain['resent_after_last_kill']}) |",
+        f"| log records / served version / its watermark | {retrain['log_records']:,} / "
+        f"{retrain['served_at_end']} / {retrain['watermark']:,} |",
+        f"| trained pairs checked | {retrain['trained_pairs_checked']:,} |",
+        f"| final start to ready | {retrain['final_ready_s']} s |",
+        "",
+        "| cycle | ready s | trained version | watermark | train s (under the stream) | "
+        "reload | acked | replayed at start |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['cycle']} | {r['ready_s']} | {r['trained']} | {r['watermark']:,} | "
+            f"{r['train_s']:.1f} | {r['reload_status']} | {r['acked']:,} | "
+            f"{r['replayed_at_start']} |"
+            for r in retrain["cycles_detail"]
+        ),
+        "",
         "![reliability](reliability.png)",
         "",
     ]
@@ -960,7 +1175,7 @@ def write_md(result: dict[str, Any], path: Path) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All three parts in order."""
+    """All four parts in order."""
     started = time.time()
     load_start = machine()
     with tempfile.TemporaryDirectory(prefix="signedrec-reliability-") as tmp_name:
@@ -979,6 +1194,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"soak: {args.soak_rate} req/s for {args.soak_seconds} s")
             soak = await soak_benchmark(tmp, args.soak_rate, args.soak_seconds, args.seed)
             progress(f"soak: RSS growth {soak.get('rss_growth_pct')}% [{verdict(soak['pass'])}]")
+            progress(f"retrain: {args.retrains} versions trained on the live log")
+            retrain = await retrain_benchmark(tmp, args.retrains, args.seed)
+            progress(f"retrain: lost {retrain['lost_from_log']}, online missing "
+                     f"{retrain['online_missing']}, replayed though trained "
+                     f"{retrain['replayed_though_trained']}, trained sign wrong "
+                     f"{retrain['trained_sign_wrong']} [{verdict(retrain['pass'])}]")  # fmt: skip
         finally:
             if args.keep_tmp:
                 kept = Path(tempfile.mkdtemp(prefix="signedrec-reliability-kept-"))
@@ -995,7 +1216,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "crash": crash,
         "reload": reload,
         "soak": soak,
-        "pass": bool(crash["pass"] and reload["pass"] and soak["pass"]),
+        "retrain": retrain,
+        "pass": bool(crash["pass"] and reload["pass"] and soak["pass"] and retrain["pass"]),
     }
 
 
@@ -1003,6 +1225,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=20, help="SIGKILL/restart cycles")
+    parser.add_argument(
+        "--retrains",
+        type=int,
+        default=3,
+        help="versions trained on the live log, each reloaded then SIGKILLed",
+    )
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--soak-rate", type=float, default=200.0, help="req/s during the soak")
     parser.add_argument("--reload-seconds", type=float, default=30.0)
