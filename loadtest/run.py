@@ -32,6 +32,9 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 P99_BAR_MS = 500.0
 ACHIEVED_SHARE = 0.99  # a step holds when it achieves at least this share of what was offered
 START_TIMEOUT_S = 300.0  # a first start on a GPU also compiles the CUDA kernels
+# A failed step whose server and Locust CPU together reach this share of every core was bounded
+# by the shared machine, not necessarily by the server.
+SATURATED_SHARE = 0.85
 
 
 @dataclass
@@ -193,6 +196,13 @@ def _plot(steps: list[Step], path: Path) -> None:
     plt.close(fig)
 
 
+def saturated_steps(steps: list[Step], cores: int) -> list[Step]:
+    """Failed steps where the server and Locust together used nearly every core."""
+    limit = SATURATED_SHARE * 100.0 * cores
+    return [s for s in steps
+            if not s.holds and s.server_cpu_percent + s.locust_cpu_percent >= limit]  # fmt: skip
+
+
 def _bar_1000_text(step: Step | None, duration: int, passed: bool) -> str:
     """The 1000 req/s bar's verdict: measured only by a 1000 req/s step held 60 s or more."""
     if step is None:
@@ -232,6 +242,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
     # A ceiling is found only when some /healthz step failed; else it is at least the top step.
     healthz = [s for s in steps if s.target == "healthz"]
     ceiling_found = any(not s.holds for s in healthz)
+    cores = len(os.sched_getaffinity(0))
     at_1000 = next((s for s in steps if s.target == "mixed" and s.offered_rps == 1000), None)
     bar_1000 = bool(
         at_1000
@@ -249,6 +260,10 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         "ratio_to_healthz": ratio,
         "healthz_ceiling_found": ceiling_found,
         "bar_1000rps_60s": bar_1000,
+        "saturated_failed_steps": [
+            {"target": s.target, "offered_rps": s.offered_rps}
+            for s in saturated_steps(steps, cores)
+        ],
     }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [
@@ -259,7 +274,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         f"Each step held {args.duration} s; a step *holds* when p99 < {P99_BAR_MS:.0f} ms, "
         f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered. Server and Locust CPU are "
         "each in % of one core (the machine has "
-        f"{len(os.sched_getaffinity(0))} cores for both). *memo hits*: share of ranked "
+        f"{cores} cores for both). *memo hits*: share of ranked "
         "recommendation requests answered from the per-user ranking memo, which is exact (a "
         "user's entry is dropped on that user's next event and on every model swap; "
         "`ranking.cache_users = 0` turns it off).",
@@ -288,6 +303,13 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         + _bar_1000_text(at_1000, args.duration, bar_1000),
         f"- Highest holding step: {best['mixed']:.0f} req/s; /healthz ceiling in the same run: "
         + _ceiling_text(best["healthz"], ratio, bool(healthz), ceiling_found),
+        *(
+            f"- {s.target} {s.offered_rps:.0f}/s failed with the machine saturated: server "
+            f"{s.server_cpu_percent:.0f}% + Locust {s.locust_cpu_percent:.0f}% of {cores} "
+            "cores' 100% each, so the load generator sharing them may be what gave out, not the "
+            "server; Locust on another machine would tell."
+            for s in saturated_steps(steps, cores)
+        ),
         "",
         f"![latency against throughput]({stem.name}.png)",
     ]
@@ -347,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"[capacity] {target} {rate:.0f}/s -> achieved {step.achieved_rps:.0f}/s "
                         f"p99 {step.p99_ms:.0f} ms failures {step.failures} "
-                        f"server CPU {step.server_cpu_percent:.0f}%",
+                        f"server CPU {step.server_cpu_percent:.0f}% Locust CPU "
+                        f"{step.locust_cpu_percent:.0f}%",
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
                     if not args.keep_going and not step.holds:

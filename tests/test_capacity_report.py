@@ -68,3 +68,19 @@ def test_mixed_only_runs_say_the_ceiling_was_not_measured(
 
 def test_locust_gets_half_the_cores_by_default() -> None:
     assert [capacity.default_processes(c) for c in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
+
+
+def test_a_step_failed_on_a_saturated_machine_is_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capacity.os, "sched_getaffinity", lambda _pid: {0, 1})
+    busy = _step("mixed", 4500, 3945, p99=320)
+    busy.server_cpu_percent, busy.locust_cpu_percent = 82.0, 94.0  # 176% of 2 cores' 200%
+    idle = _step("mixed", 5000, 4000, p99=900)  # failed with CPU to spare: the server's limit
+    held = _step("mixed", 1000, 1001)
+    held.server_cpu_percent, held.locust_cpu_percent = 99.0, 99.0  # saturated, but it held
+    text, payload = _render(tmp_path, monkeypatch, [held, busy, idle], 60)
+    assert "mixed 4500/s failed with the machine saturated: server 82% + Locust 94% of 2" in text
+    assert "5000/s failed with the machine saturated" not in text
+    assert "1000/s failed" not in text
+    assert payload["saturated_failed_steps"] == [{"target": "mixed", "offered_rps": 4500}]
