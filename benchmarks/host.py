@@ -6,7 +6,10 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -33,3 +36,18 @@ def gpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return ", ".join(line.strip() for line in out.splitlines() if line.strip())
+
+
+def git_state(paths: Sequence[str] = ()) -> str:
+    """HEAD commit and what differs from it (only under ``paths`` when given), for a report's
+    "Code:" line; "unknown" outside a git checkout (e.g. a copy of the tree on another host)."""
+    try:
+        run = {"cwd": REPO, "check": True, "capture_output": True, "text": True}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], **run).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    changed = [line[3:] for line in dirty.splitlines() if line.strip()]
+    if not changed:
+        return head
+    return f"{head} with uncommitted changes in " + (", ".join(changed) if paths else "the tree")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.host import cpu_model
+from benchmarks.host import cpu_model, git_state
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
@@ -547,20 +547,6 @@ def parse_pair(text: str) -> tuple[Path, float]:
         return Path(directory), float(threshold)
     except ValueError:
         raise argparse.ArgumentTypeError(f"threshold {threshold!r} is not a number") from None
-
-
-def git_state() -> str:
-    """HEAD commit and whether the tree has local changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head}{' with uncommitted changes in the tree' if dirty else ''}"
 
 
 def machine() -> str:

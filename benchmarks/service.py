@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
-from benchmarks.host import cpu_model
+from benchmarks.host import cpu_model, git_state
 from server.artifacts import resolve
 from server.config import EventLogConfig
 from server.data import load_dataset
@@ -88,20 +88,6 @@ def filesystem_of(path: Path) -> str:
         ):
             best = (mount, part.fstype)
     return f"{best[1]} on {best[0] or '?'}"
-
-
-def git_state() -> str:
-    """HEAD commit and how many files under server/ and kernels/ differ from it."""
-    try:
-        run = {"cwd": REPO, "check": True, "capture_output": True, "text": True}
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "server", "kernels"], **run
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    changed = [line[3:] for line in dirty.splitlines() if line.strip()]
-    return f"{head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def artifact_ids(artifact: Path) -> tuple[list[str], list[str]]:
@@ -955,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "git": git_state(),
+        "git": git_state(("server", "kernels")),
         "state_fs": filesystem_of(work_dir.parent if not work_dir.exists() else work_dir),
         "load_start": phases["start"],
         "load_end": phases["end"],

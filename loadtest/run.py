@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.host import cpu_model, gpu_model
+from benchmarks.host import cpu_model, git_state, gpu_model
 from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -253,6 +253,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
     )
     payload = {
         "command": " ".join(["python -m loadtest.run", *sys.argv[1:]]),
+        "git": git_state(),
         "device": device,
         "duration_s": args.duration,
         "steps": [asdict(s) | {"holds": s.holds} for s in steps],
@@ -270,7 +271,8 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         "# Capacity (Locust)",
         "",
         f"Command: `{payload['command']}`  ",
-        f"Machine: {device}. Locust runs on the same machine as the server.  ",
+        f"Machine: {device}. Locust runs on the same machine as the server. "
+        f"Code: {payload['git']}.  ",
         f"Each step held {args.duration} s; a step *holds* when p99 < {P99_BAR_MS:.0f} ms, "
         f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered. Server and Locust CPU are "
         "each in % of one core (the machine has "
