@@ -65,6 +65,7 @@ SOAK_WARMUP_S = 60.0
 SOAK_SAMPLE_S = 5.0
 BAR_SOAK_GROWTH_PCT = 5.0
 HISTORY_LIMIT = 5000
+SENDERS = 4  # concurrent feedback senders in the crash and retrain parts
 
 
 def progress(message: str) -> None:
@@ -251,6 +252,20 @@ async def _crash_sender(
     conn.close()
 
 
+def _start_senders(
+    port: int, ledger: CrashLedger, rng: random.Random, prefix: str, users: list[str],
+    items: list[str], counter: collections.Counter[str],
+) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:  # fmt: skip
+    """SENDERS concurrent crash senders (ids ``{prefix}s{n}-k``) and the event that stops them."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(_crash_sender(port, ledger, stop, random.Random(rng.random()),
+                                          f"{prefix}s{n}", users, items, counter))
+        for n in range(SENDERS)
+    ]  # fmt: skip
+    return stop, tasks
+
+
 async def _fetch_histories(port: int, users: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Every user's logged events (trained edges left out), newest first."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -312,12 +327,8 @@ async def crash_benchmark(tmp: Path, cycles: int, seed: int) -> dict[str, Any]:
         last_ready = row["ready_s"]
         row["in_doubt_before"] = sum(len(b) for b in ledger.in_doubt)
         acked_before = len(ledger.acked)
-        stop = asyncio.Event()
-        senders = [
-            asyncio.create_task(_crash_sender(server.port, ledger, stop, random.Random(
-                rng.random()), f"c{cycle}s{n}", users, items, counter))
-            for n in range(4)
-        ]  # fmt: skip
+        stop, senders = _start_senders(server.port, ledger, rng, f"c{cycle}", users, items,
+                                       counter)  # fmt: skip
         stream_s = rng.uniform(0.3, 3.0)
         await asyncio.sleep(stream_s)
         if cycle % RELOAD_EVERY == 1:
@@ -490,12 +501,8 @@ async def retrain_benchmark(tmp: Path, retrains: int, seed: int) -> dict[str, An
         server = Server(root, state_dir, log_path, env)
         row: dict[str, Any] = {"cycle": cycle, "ready_s": round(await server.until_ready(), 3)}
         acked_before = len(ledger.acked)
-        stop = asyncio.Event()
-        senders = [
-            asyncio.create_task(_crash_sender(server.port, ledger, stop, random.Random(
-                rng.random()), f"r{cycle}s{n}", users, items, counter))
-            for n in range(4)
-        ]  # fmt: skip
+        stop, senders = _start_senders(server.port, ledger, rng, f"r{cycle}", users, items,
+                                       counter)  # fmt: skip
         await asyncio.sleep(rng.uniform(0.5, 2.0))
         served = root / list_versions(root)[-1]
         version, row["train_s"] = await _train_on_log(root, state_dir, served)
