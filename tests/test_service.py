@@ -379,13 +379,15 @@ def _state_of(srv: Server, users: list[str]) -> dict[str, tuple[list[str], objec
 
 
 @pytest.mark.parametrize("front", FRONTS)
-def test_snapshot_restores_after_sigterm(tmp_path: Path, front: str) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_snapshot_restores_after_a_graceful_stop(tmp_path: Path, front: str, sig: int) -> None:
+    """SIGTERM (a supervisor) and SIGINT (Ctrl-C) both stop cleanly: exit 0, a snapshot."""
     srv = Server(tmp_path / "state", front_env(front))
     users = ["snap-a", "snap-b", "5"]
     for user in users:
         _post(srv, [_event(user, "21", "like"), _event(user, "50", "dislike")])
     before = _state_of(srv, users)
-    srv.stop(signal.SIGTERM)
+    assert srv.stop(sig) == 0
     assert (tmp_path / "state" / "snapshot.msgpack").is_file()
     again = Server(tmp_path / "state", front_env(front))
     try:
