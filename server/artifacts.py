@@ -19,9 +19,11 @@ from server.errors import ArtifactError
 from server.graph import SignedGraph
 
 # 2 added the trained graph's edge weights (feedback folded in from an event log); a version 1
-# artifact is read as every edge weighing 1, which is what its trainer used.
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+# artifact is read as every edge weighing 1, which is what its trainer used. 3 added the logged
+# events the graph holds, so a user's history keeps their ids and times once they are trained;
+# older artifacts are read as holding none.
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST = "manifest.json"
 
 # Every array an artifact must hold, with its dtype; shapes are checked against the manifest.
@@ -38,6 +40,19 @@ REQUIRED_ARRAYS: dict[str, str] = {
 }
 # Arrays a schema 2 artifact also holds (``load_artifact`` fills them with ones for schema 1).
 WEIGHT_ARRAYS: dict[str, str] = {"pos_weights": "float32", "neg_weights": "float32"}
+# Arrays a schema 3 artifact also holds: the logged events folded into its graph, in seq order
+# (empty without a log). Event ids are UTF-8 in one byte array, event k's at
+# log_id_bytes[log_id_offsets[k]:log_id_offsets[k + 1]]; log_kinds index events.KIND_CODES.
+HISTORY_ARRAYS: dict[str, str] = {
+    "log_seqs": "int64",
+    "log_users": "int32",  # index into user_ids
+    "log_items": "int32",
+    "log_kinds": "uint8",
+    "log_values": "float64",  # as logged; NaN: the event had no value
+    "log_ts": "float64",
+    "log_id_offsets": "int64",
+    "log_id_bytes": "uint8",
+}
 # The arrays that make up the users and trained signed graph a live state is built on.
 GRAPH_FILES = ("user_ids", "pos_indptr", "pos_items", "neg_indptr", "neg_items")
 
@@ -122,6 +137,7 @@ def save_artifact(
     root: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any], version: str | None = None
 ) -> Path:
     """Write a new version atomically (temp dir, fsync, rename) and return its directory."""
+    arrays = {**empty_history(), **arrays}  # a version trained without a log holds no events
     missing = sorted((set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS)) - set(arrays))
     if missing:
         raise ArtifactError(f"artifact is missing arrays {missing}")
@@ -215,6 +231,8 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
     expected = dict(REQUIRED_ARRAYS)
     if manifest["schema_version"] >= 2:
         expected.update(WEIGHT_ARRAYS)
+    if manifest["schema_version"] >= 3:
+        expected.update(HISTORY_ARRAYS)
     for name, dtype in expected.items():
         file = f"{name}.npy"
         entry = files.get(file)
@@ -243,4 +261,29 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
                                                                 np.float32))  # fmt: skip
         if len(weights) != len(arrays[f"{sign}_items"]) or not np.all(weights > 0):
             raise ArtifactError(f"{path}: {sign}_weights must be one weight > 0 per edge")
+    for name, array in empty_history().items():
+        arrays.setdefault(name, array)
+    _check_history(path, arrays)
     return Artifact(path=path, manifest=manifest, arrays=arrays)
+
+
+def empty_history() -> dict[str, np.ndarray]:
+    """The logged-event arrays of a version whose graph holds no logged events."""
+    out = {name: np.zeros(0, dtype) for name, dtype in HISTORY_ARRAYS.items()}
+    out["log_id_offsets"] = np.zeros(1, np.int64)
+    return out
+
+
+def _check_history(path: Path, a: dict[str, np.ndarray]) -> None:
+    """Refuse logged-event arrays that disagree with each other or with the graph."""
+    n = len(a["log_seqs"])
+    offsets = a["log_id_offsets"]
+    if any(len(a[k]) != n for k in HISTORY_ARRAYS if k.startswith("log_") and k not in
+           ("log_id_offsets", "log_id_bytes")) or len(offsets) != n + 1:  # fmt: skip
+        raise ArtifactError(f"{path}: the logged-event arrays disagree on their length")
+    if n and (
+        offsets[0] != 0 or offsets[-1] != len(a["log_id_bytes"]) or np.any(np.diff(offsets) < 0)
+        or a["log_users"].min() < 0 or a["log_users"].max() >= len(a["user_ids"])
+        or a["log_items"].min() < 0 or a["log_items"].max() >= len(a["item_ids"])
+    ):  # fmt: skip
+        raise ArtifactError(f"{path}: the logged-event arrays point outside the artifact")

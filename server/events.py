@@ -41,6 +41,8 @@ logger = logging.getLogger("signedrec.events")
 
 FeedbackKind = Literal["like", "dislike", "skip", "rating"]
 FEEDBACK_KINDS: Final[frozenset[str]] = frozenset(get_args(FeedbackKind))
+# A kind's code in an artifact's logged events (log_kinds) is its index here.
+KIND_CODES: Final[tuple[str, ...]] = get_args(FeedbackKind)
 
 MAGIC: Final[bytes] = b"SRv1"
 HEADER: Final[struct.Struct] = struct.Struct("<4sIIQ")

@@ -7,7 +7,9 @@ server held it after the same events (the latest strength per pair wins in both)
 
 from __future__ import annotations
 
+import math
 import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -17,7 +19,7 @@ import numpy as np
 from server.config import EventWeights
 from server.data import IdMap
 from server.errors import DataError
-from server.events import EVENTS_DIR, ReadReport, catalogue_problem, read_records
+from server.events import EVENTS_DIR, KIND_CODES, ReadReport, catalogue_problem, read_records
 
 PROGRESS_EVERY = 1_000_000  # records between progress lines while reading a log
 
@@ -44,6 +46,7 @@ class LogFeedback:
     report: ReadReport
     last_event_id: str | None  # the id of the event at the watermark: which log this was
     weights: EventWeights
+    history: dict[str, np.ndarray]  # the events read, as an artifact's logged-event arrays
 
     @property
     def watermark(self) -> int:
@@ -89,10 +92,14 @@ def read_feedback(
         raise refuse(f"the log ends at seq {report.last_seq}, before the base version's "
                      f"watermark {after_seq}: it is another server's log")  # fmt: skip
     fixed = strengths_by_kind(weights)
+    kind_code = {kind: code for code, kind in enumerate(KIND_CODES)}
     known = len(users)
     user_ix: list[int] = []
     item_ix: list[int] = []
     strength: list[float] = []
+    # What a user's history shows of each event, kept compact (array module, one id blob).
+    seqs, kinds, values, stamps = array("q"), array("B"), array("d"), array("d")
+    id_bytes, id_ends = bytearray(), array("q")
     add_user, item_get = users.add, items.get
     done = 0
     last_id = after_event_id
@@ -118,6 +125,12 @@ def read_feedback(
             user_ix.append(add_user(record.user_id))
             item_ix.append(item)
             strength.append(value)
+            seqs.append(record.seq)
+            kinds.append(kind_code[record.kind])
+            values.append(math.nan if record.value is None else record.value)
+            stamps.append(record.ts)
+            id_bytes += record.event_id.encode()
+            id_ends.append(len(id_bytes))
         if batch[-1].seq > after_seq:
             last_id = batch[-1].event_id
         if done // PROGRESS_EVERY != (done + len(batch)) // PROGRESS_EVERY:
@@ -134,4 +147,14 @@ def read_feedback(
         report=report,
         last_event_id=last_id,
         weights=weights,
+        history={
+            "log_seqs": np.frombuffer(seqs, np.int64).copy(),
+            "log_users": np.asarray(user_ix, np.int32),
+            "log_items": np.asarray(item_ix, np.int32),
+            "log_kinds": np.frombuffer(kinds, np.uint8).copy(),
+            "log_values": np.frombuffer(values, np.float64).copy(),
+            "log_ts": np.frombuffer(stamps, np.float64).copy(),
+            "log_id_offsets": np.concatenate([[0], np.frombuffer(id_ends, np.int64)]),
+            "log_id_bytes": np.frombuffer(bytes(id_bytes), np.uint8).copy(),
+        },
     )

@@ -28,6 +28,7 @@ from server.dedup import RecentIds
 from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
 from server.events import (
     EVENTS_DIR,
+    KIND_CODES,
     EventLog,
     EventRecord,
     NewEvent,
@@ -42,6 +43,38 @@ from server.ranking import Ragged, rank
 log = logging.getLogger("signedrec.state")
 
 TRAIN_KIND = {True: "like", False: "dislike"}
+# A history row: event id, item id, kind, value, time (id, value and time None for a dataset row).
+HistoryRow = tuple[str | None, str, str, float | None, float | None]
+
+
+class TrainedHistory:
+    """The logged events a trained graph holds, by user: what their histories show once trained
+    (ids, kinds, values and times as logged), newest first."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], n_users: int) -> None:
+        users = arrays["log_users"]
+        self._order = np.argsort(users, kind="stable")  # seq order within each user
+        self._indptr = np.zeros(n_users + 1, np.int64)
+        np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=self._indptr[1:])
+        self._items, self._kinds = arrays["log_items"], arrays["log_kinds"]
+        self._values, self._ts = arrays["log_values"], arrays["log_ts"]
+        self._offsets, self._ids = arrays["log_id_offsets"], arrays["log_id_bytes"]
+
+    def items_of(self, user: int) -> np.ndarray:
+        """The items of a trained user's logged events (their pairs' latest sign is logged)."""
+        return self._items[self._order[self._indptr[user] : self._indptr[user + 1]]]
+
+    def rows(self, user: int, items: IdMap, limit: int) -> list[HistoryRow]:
+        """Up to ``limit`` of a trained user's logged events, newest first."""
+        rows = self._order[self._indptr[user] : self._indptr[user + 1]][::-1][:limit]
+        names = items.external(self._items[rows])
+        out: list[HistoryRow] = []
+        for row, item in zip(rows.tolist(), names, strict=True):
+            event_id = self._ids[self._offsets[row] : self._offsets[row + 1]].tobytes().decode()
+            value = float(self._values[row])
+            out.append((event_id, item, KIND_CODES[self._kinds[row]],
+                        None if value != value else value, float(self._ts[row])))  # fmt: skip
+        return out
 
 
 @dataclass(slots=True)
@@ -254,6 +287,7 @@ class LiveState:
         self._pos_weights, self._neg_weights = arrays["pos_weights"], arrays["neg_weights"]
         self.watermark = artifact.watermark
         self.n_trained_users = len(self._pos_indptr) - 1
+        self._trained_history = TrainedHistory(arrays, self.n_trained_users)
         self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
         self._fold_trained(self.item_side, self.vectors)
         self.feedback: dict[int, UserFeedback] = {}
@@ -794,14 +828,14 @@ class LiveState:
         ids_kept, scores_kept = ids[0][keep][:k], scores[0][keep][:k]
         return self.item_side.items.external(ids_kept), scores_kept.tolist()
 
-    def history(self, user_id: str, limit: int) -> list[tuple[str | None, str, str, float | None,
-                                                               float | None]]:  # fmt: skip
-        """The user's signed feedback newest first: logged events, then trained edges."""
+    def history(self, user_id: str, limit: int) -> list[HistoryRow]:
+        """The user's signed feedback newest first: events logged since the trained graph, the
+        logged events it holds, then its other edges (dataset rows: no id, kind by sign)."""
         user = self.users.get(user_id)
         if user is None:
             return []
         items = self.item_side.items
-        out: list[tuple[str | None, str, str, float | None, float | None]] = []
+        out: list[HistoryRow] = []
         feedback = self.feedback.get(user)
         if feedback is not None:
             for _, event_id, item, kind, value, ts in reversed(feedback.history):
@@ -809,10 +843,15 @@ class LiveState:
                     return out
                 out.append((event_id, items.external(np.asarray([item]))[0], kind, value, ts))
         if user < self.n_trained_users and len(out) < limit:
+            out += self._trained_history.rows(user, items, limit - len(out))
+        if user < self.n_trained_users and len(out) < limit:
             pos, neg = self._trained_edges(user)
             pos_w, neg_w = self._trained_strengths(user)
-            trained = np.concatenate([pos, neg])[: limit - len(out)]
-            signed = np.concatenate([pos_w, -neg_w])[: len(trained)].tolist()
+            # Pairs a logged event set are listed above, by that event.
+            edges = np.concatenate([pos, neg])
+            keep = ~np.isin(edges, self._trained_history.items_of(user))
+            trained = edges[keep][: limit - len(out)]
+            signed = np.concatenate([pos_w, -neg_w])[keep][: len(trained)].tolist()
             skip = self._weights.skip
             for item, strength in zip(items.external(trained), signed, strict=True):
                 # A logged skip trained into the graph keeps its name; the rest go by sign.

@@ -24,7 +24,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.artifacts import Artifact, load_artifact, npy_sha256, save_artifact
+from server.artifacts import (
+    HISTORY_ARRAYS,
+    Artifact,
+    empty_history,
+    load_artifact,
+    npy_sha256,
+    save_artifact,
+)
 from server.config import EventWeights, Hyper, ModelConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.errors import ArtifactError, DataError
@@ -375,14 +382,26 @@ class RankingChoice:
                    float(ranking.get("propensity_prior", config.propensity_prior)))  # fmt: skip
 
 
+def concat_history(first: dict[str, np.ndarray], then: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Logged-event arrays of ``first`` followed by ``then`` (its id offsets moved along)."""
+    out = {name: np.concatenate([first[name], then[name]]) for name in HISTORY_ARRAYS
+           if name != "log_id_offsets"}  # fmt: skip
+    offsets = first["log_id_offsets"]
+    out["log_id_offsets"] = np.concatenate([offsets, then["log_id_offsets"][1:] + offsets[-1]])
+    return out
+
+
 def _train_graph(
     dataset: Dataset, data_dir: Path, threshold: float, events: Path | None,
     weights: EventWeights | None, since: Path | None, out: TextIO,
-) -> tuple[SignedGraph, IdMap, dict[str, Any] | None]:  # fmt: skip
+) -> tuple[SignedGraph, IdMap, dict[str, Any] | None, dict[str, np.ndarray]]:  # fmt: skip
     """The train graph and users: the dataset's, or ``since``'s, plus a log's feedback; with the
-    manifest's record of that log (None without ``events``)."""
+    manifest's record of that log (None without ``events``) and the logged events the graph
+    holds (``since``'s, then the log's), which users' histories show once trained."""
     graph = build_graph(dataset.train, threshold, dataset.n_users, dataset.n_items)
     users = IdMap.dense(dataset.n_users)
+    history = empty_history()
     after, after_id = 0, None
     if since is not None:
         if events is None:
@@ -395,11 +414,12 @@ def _train_graph(
             raise ArtifactError(f"{base.path} was trained with threshold {base.threshold}, not "
                                 f"{threshold}")  # fmt: skip
         graph, users = base.trained_graph(), IdMap(base.arrays["user_ids"])
+        history = {name: base.arrays[name] for name in HISTORY_ARRAYS}
         after, after_id = base.watermark, base.manifest.get("log", {}).get("last_event_id")
         print(f"starting from {base.path}: its graph holds the log up to seq {after}", file=out,
               flush=True)  # fmt: skip
     if events is None:
-        return graph, users, None
+        return graph, users, None, history
     items = IdMap.dense(dataset.n_items)
     feedback = read_feedback(events, users, items, weights or EventWeights(), threshold, out,
                              after, after_id, npy_sha256(items.to_array()))  # fmt: skip
@@ -424,7 +444,7 @@ def _train_graph(
         "users": graph.n_users,
         "weights": msgspec.to_builtins(feedback.weights),
     }
-    return graph, users, log_info
+    return graph, users, log_info, concat_history(history, feedback.history)
 
 
 def train(
@@ -460,8 +480,8 @@ def train(
         file=out,
         flush=True,
     )
-    graph, users, log_info = _train_graph(dataset, Path(data_dir), threshold, events, weights,
-                                          since, out)  # fmt: skip
+    graph, users, log_info, history = _train_graph(dataset, Path(data_dir), threshold, events,
+                                                   weights, since, out)  # fmt: skip
     # Masked: every pair in the train graph (dataset rows and logged feedback alike).
     masked = interaction_matrix(*graph.edges()[:2], graph.n_users, dataset.n_items)
     valid, test = dataset.valid, dataset.test
@@ -530,7 +550,7 @@ def train(
         "propensity_valid": propensity,
     }
     return export(dataset, graph, users, log_info, best, item_table, item_vectors, metrics,
-                  trials, ranking, seconds, out_dir)  # fmt: skip
+                  trials, ranking, seconds, out_dir, history)  # fmt: skip
 
 
 def export(
@@ -546,9 +566,12 @@ def export(
     ranking: dict[str, Any],
     seconds: float,
     out_dir: Path,
+    history: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the artifact: factors, id maps, the trained signed graph and the manifest."""
+    """Write the artifact: factors, id maps, the trained signed graph (with the logged events in
+    it) and the manifest."""
     arrays = {
+        **(history or {}),
         "item_table": item_table,
         "item_vectors": item_vectors,
         "item_popularity": _popularity(graph),

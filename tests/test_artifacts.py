@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from server.artifacts import (
+    HISTORY_ARRAYS,
     MANIFEST,
     REQUIRED_ARRAYS,
     SCHEMA_VERSION,
@@ -73,7 +74,7 @@ def test_round_trip(saved: Path, root: Path) -> None:
     assert saved == root / "20240101T000000000Z"
     artifact = load_artifact(saved)
     assert artifact.path == saved
-    assert set(artifact.arrays) == set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS)
+    assert set(artifact.arrays) == set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS) | set(HISTORY_ARRAYS)
     for name, array in _arrays().items():
         np.testing.assert_array_equal(artifact.arrays[name], array)
         assert artifact.arrays[name].dtype == array.dtype
@@ -85,7 +86,9 @@ def test_round_trip(saved: Path, root: Path) -> None:
     for key, value in _manifest().items():
         assert manifest[key] == value
     assert "created_at" in manifest
-    assert set(manifest["files"]) == {f"{name}.npy" for name in (*REQUIRED_ARRAYS, *WEIGHT_ARRAYS)}
+    every = (*REQUIRED_ARRAYS, *WEIGHT_ARRAYS, *HISTORY_ARRAYS)
+    assert set(manifest["files"]) == {f"{name}.npy" for name in every}
+    assert len(artifact.arrays["log_seqs"]) == 0  # trained without a log: no logged events
     entry = manifest["files"]["item_table.npy"]
     assert entry["shape"] == [N_ITEMS, DIM]
     assert entry["dtype"] == "float32"
@@ -168,7 +171,7 @@ def test_wrong_schema_version_is_refused(saved: Path, schema: object) -> None:
     _rewrite_manifest(saved, schema_version=schema)
     with pytest.raises(ArtifactError, match="schema_version") as caught:
         load_artifact(saved)
-    assert f"expected one of 1, {SCHEMA_VERSION}" in caught.value.message
+    assert f"expected one of 1, 2, {SCHEMA_VERSION}" in caught.value.message
 
 
 def test_schema_1_artifact_reads_as_unit_weights(saved: Path) -> None:
@@ -191,6 +194,59 @@ def test_schema_1_artifact_reads_as_unit_weights(saved: Path) -> None:
     weighted = load_artifact(save_artifact(saved.parent, _arrays(), _manifest(), version="w"))
     assert new.graph_fingerprint == old.graph_fingerprint
     assert weighted.graph_fingerprint != old.graph_fingerprint
+
+
+def _history(ids: list[str]) -> dict[str, np.ndarray]:
+    blobs = [i.encode() for i in ids]
+    return {
+        "log_seqs": np.arange(1, len(ids) + 1, dtype=np.int64),
+        "log_users": np.arange(len(ids), dtype=np.int32) % N_USERS,
+        "log_items": np.arange(len(ids), dtype=np.int32) % N_ITEMS,
+        "log_kinds": np.arange(len(ids), dtype=np.uint8) % 4,
+        "log_values": np.where(np.arange(len(ids)) % 4 == 3, 3.7, np.nan),
+        "log_ts": np.linspace(1.7e9, 1.8e9, len(ids)),
+        "log_id_offsets": np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(
+            np.int64
+        ),
+        "log_id_bytes": np.frombuffer(b"".join(blobs), np.uint8),
+    }
+
+
+def test_logged_events_round_trip(root: Path) -> None:
+    """The logged events a graph holds come back byte for byte (ids are UTF-8, not pickles)."""
+    history = _history(["é-1", "evt-2", "", "日本-4"])
+    loaded = load_artifact(save_artifact(root, {**_arrays(), **history}, _manifest()))
+    for name, array in history.items():
+        np.testing.assert_array_equal(loaded.arrays[name], array)
+    ids = loaded.arrays["log_id_bytes"].tobytes().decode()
+    assert ids == "é-1evt-2日本-4"
+
+
+def test_schema_2_artifact_reads_as_holding_no_logged_events(saved: Path) -> None:
+    for name in HISTORY_ARRAYS:
+        (saved / f"{name}.npy").unlink()
+    manifest = json.loads((saved / MANIFEST).read_text())
+    for name in HISTORY_ARRAYS:
+        del manifest["files"][f"{name}.npy"]
+    manifest["schema_version"] = 2
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    old = load_artifact(saved)
+    assert len(old.arrays["log_seqs"]) == 0
+    assert old.arrays["log_id_offsets"].tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("log_id_offsets", np.array([0, 3, 2, 9, 14])), ("log_users", np.array([0, 1, 9, 3])),
+     ("log_items", np.array([0, -1, 2, 3]))],
+)  # fmt: skip
+def test_logged_events_that_disagree_are_refused(root: Path, name: str, value: np.ndarray
+                                                 ) -> None:  # fmt: skip
+    history = _history(["é-1", "evt-2", "", "日本-4"])
+    history[name] = value.astype(history[name].dtype)
+    saved = save_artifact(root, {**_arrays(), **history}, _manifest())
+    with pytest.raises(ArtifactError, match="logged-event arrays"):
+        load_artifact(saved)
 
 
 def test_schema_2_needs_its_weights(saved: Path) -> None:

@@ -343,6 +343,8 @@ def test_retrain_on_the_servers_log_then_restart_on_it(
     ]
     assert srv.client.post("/v1/feedback", json=online).json()["accepted"] == len(online)
     assert _recs(srv, "online")["fallback"] is False
+    posted = sorted({e["user_id"] for e in online})
+    histories = {user: _history(srv, user) for user in posted}
     config = tmp_path / "tiny.toml"
     config.write_text(tiny_dataset.model_toml)
     train = subprocess.run(
@@ -359,9 +361,11 @@ def test_retrain_on_the_servers_log_then_restart_on_it(
     again = _server(root, state)
     try:
         assert _model(again)["active"] == new_version
-        # Trained edges now: no event ids, likes in the trained graph.
-        assert {(e["event_id"], e["item_id"], e["kind"]) for e in _history(again, "online")} == {
-            (None, "3", "like"), (None, "4", "like")}  # fmt: skip
+        # Trained now, and each history reads as before: the logged events with their ids,
+        # kinds, values and times, newest first, then the dataset rows.
+        assert {user: _history(again, user) for user in posted} == histories
+        assert histories["online"][-1]["event_id"] == "first"
+        assert histories["2"][0]["value"] == 5.0
         assert "5" not in _ids(_recs(again, "0"))
         retry = again.client.post("/v1/feedback", json=[online[0]]).json()
         assert retry == {"accepted": 0, "duplicates": 1}
@@ -459,6 +463,11 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
     try:
         assert _model(fourth)["active"] == Path(since.stdout.strip().splitlines()[-1]).name
         assert "4" not in _ids(_recs(fourth, "0"))
+        # The base version's logged events came along: user 0's history still names them,
+        # though their log segments are gone, newest (the late dislike) first.
+        ids = [e["event_id"] for e in _history(fourth, "0") if e["event_id"] is not None]
+        assert ids == [late[1]["event_id"], *(e["event_id"] for e in events[::-1]
+                                              if e["user_id"] == "0")]  # fmt: skip
     finally:
         fourth.stop()
     assert "replayed 0 events" in fourth.log_path.read_text()
