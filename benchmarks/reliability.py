@@ -267,7 +267,7 @@ def _start_senders(
 
 
 async def _fetch_histories(port: int, users: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Every user's logged events (trained edges left out), newest first."""
+    """Every user's events with an id (dataset rows left out), newest first."""
     out: dict[str, list[dict[str, Any]]] = {}
     conns = [Conn(port) for _ in range(4)]
 
@@ -428,7 +428,7 @@ async def _train_on_log(root: Path, state_dir: Path, served: Path) -> tuple[Path
 
 
 async def _full_histories(port: int, users: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Every user's whole history (logged events and trained edges), newest first."""
+    """Every user's whole history (events with ids, then dataset rows), newest first."""
     out: dict[str, list[dict[str, Any]]] = {}
     conn = Conn(port)
     for user in users:

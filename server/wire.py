@@ -70,7 +70,7 @@ class SimilarOut(Base):
 
 
 class HistoryEvent(Base):
-    """One piece of a user's feedback; event_id and ts are null for trained edges."""
+    """One piece of a user's feedback; event_id and ts are null for dataset rows of the model."""
 
     event_id: str | None
     item_id: str
