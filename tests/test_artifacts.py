@@ -174,16 +174,20 @@ def test_wrong_schema_version_is_refused(saved: Path, schema: object) -> None:
     assert f"expected one of 1, 2, {SCHEMA_VERSION}" in caught.value.message
 
 
+def _as_older_schema(version: Path, schema: int, added_since: list[str]) -> None:
+    """Rewrite a saved version as an older schema wrote it: without the arrays added since."""
+    manifest = json.loads((version / MANIFEST).read_text())
+    for name in added_since:
+        (version / f"{name}.npy").unlink()
+        del manifest["files"][f"{name}.npy"]
+    manifest["schema_version"] = schema
+    (version / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_schema_1_artifact_reads_as_unit_weights(saved: Path) -> None:
     """An artifact from before edge weights (the shipped default) loads with every weight 1,
     and its graph fingerprint is that of the same graph written with explicit unit weights."""
-    for name in WEIGHT_ARRAYS:
-        (saved / f"{name}.npy").unlink()
-    manifest = json.loads((saved / MANIFEST).read_text())
-    for name in WEIGHT_ARRAYS:
-        del manifest["files"][f"{name}.npy"]
-    manifest["schema_version"] = 1
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    _as_older_schema(saved, 1, [*WEIGHT_ARRAYS, *HISTORY_ARRAYS])
     old = load_artifact(saved)
     assert old.arrays["pos_weights"].tolist() == [1.0] * 6
     assert old.arrays["neg_weights"].tolist() == [1.0] * 2
@@ -223,13 +227,7 @@ def test_logged_events_round_trip(root: Path) -> None:
 
 
 def test_schema_2_artifact_reads_as_holding_no_logged_events(saved: Path) -> None:
-    for name in HISTORY_ARRAYS:
-        (saved / f"{name}.npy").unlink()
-    manifest = json.loads((saved / MANIFEST).read_text())
-    for name in HISTORY_ARRAYS:
-        del manifest["files"][f"{name}.npy"]
-    manifest["schema_version"] = 2
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    _as_older_schema(saved, 2, list(HISTORY_ARRAYS))
     old = load_artifact(saved)
     assert len(old.arrays["log_seqs"]) == 0
     assert old.arrays["log_id_offsets"].tolist() == [0]
