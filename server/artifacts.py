@@ -16,6 +16,7 @@ import numpy as np
 
 from server.durable import fsync_dir
 from server.errors import ArtifactError
+from server.events import KIND_CODES
 from server.graph import SignedGraph
 
 # 2 added the trained graph's edge weights (feedback folded in from an event log); a version 1
@@ -278,12 +279,13 @@ def _check_history(path: Path, a: dict[str, np.ndarray]) -> None:
     """Refuse logged-event arrays that disagree with each other or with the graph."""
     n = len(a["log_seqs"])
     offsets = a["log_id_offsets"]
-    if any(len(a[k]) != n for k in HISTORY_ARRAYS if k.startswith("log_") and k not in
-           ("log_id_offsets", "log_id_bytes")) or len(offsets) != n + 1:  # fmt: skip
+    per_event = [name for name in HISTORY_ARRAYS if name not in ("log_id_offsets", "log_id_bytes")]
+    if any(len(a[name]) != n for name in per_event) or len(offsets) != n + 1:
         raise ArtifactError(f"{path}: the logged-event arrays disagree on their length")
     if n and (
         offsets[0] != 0 or offsets[-1] != len(a["log_id_bytes"]) or np.any(np.diff(offsets) < 0)
         or a["log_users"].min() < 0 or a["log_users"].max() >= len(a["user_ids"])
         or a["log_items"].min() < 0 or a["log_items"].max() >= len(a["item_ids"])
+        or a["log_kinds"].max() >= len(KIND_CODES)
     ):  # fmt: skip
         raise ArtifactError(f"{path}: the logged-event arrays point outside the artifact")

@@ -236,7 +236,7 @@ def test_schema_2_artifact_reads_as_holding_no_logged_events(saved: Path) -> Non
 @pytest.mark.parametrize(
     ("name", "value"),
     [("log_id_offsets", np.array([0, 3, 2, 9, 14])), ("log_users", np.array([0, 1, 9, 3])),
-     ("log_items", np.array([0, -1, 2, 3]))],
+     ("log_items", np.array([0, -1, 2, 3])), ("log_kinds", np.array([0, 1, 2, 4]))],
 )  # fmt: skip
 def test_logged_events_that_disagree_are_refused(root: Path, name: str, value: np.ndarray
                                                  ) -> None:  # fmt: skip
