@@ -45,6 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     since = None if args.since is None else Path(args.since)
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed,
                  events=events, weights=config.events, since=since,
+                 history_cap=config.server.history_max_limit,
                  fixed_ranking=fixed_ranking)  # fmt: skip
     print(path)
     return 0

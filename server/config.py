@@ -169,6 +169,7 @@ class ServerConfig(Base):
     max_body_bytes: int = 1024 * 1024
     max_events_per_batch: int = 5000
     history_default_limit: int = 100
+    # Also how many of a user's logged events a version trained on the log keeps for histories.
     history_max_limit: int = 5000
     state_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -32,7 +32,7 @@ from server.artifacts import (
     npy_sha256,
     save_artifact,
 )
-from server.config import EventWeights, Hyper, ModelConfig
+from server.config import EventWeights, Hyper, ModelConfig, ServerConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.errors import ArtifactError, DataError
 from server.evaluate import (
@@ -392,9 +392,30 @@ def concat_history(first: dict[str, np.ndarray], then: dict[str, np.ndarray]
     return out
 
 
+def latest_per_user(history: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
+    """Only each user's ``cap`` most recent logged events (a history is never read deeper)."""
+    users, n = history["log_users"], len(history["log_users"])
+    order = np.lexsort((-history["log_seqs"], users))  # by user, newest first
+    grouped = users[order]
+    rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+    keep = np.sort(order[rank < cap])  # back to seq order
+    if len(keep) == n:
+        return history
+    out = {name: history[name][keep] for name in HISTORY_ARRAYS
+           if name not in ("log_id_offsets", "log_id_bytes")}  # fmt: skip
+    offsets = history["log_id_offsets"]
+    lengths = (offsets[1:] - offsets[:-1])[keep]
+    out["log_id_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    starts = offsets[keep] - out["log_id_offsets"][:-1]
+    out["log_id_bytes"] = history["log_id_bytes"][
+        np.repeat(starts, lengths) + np.arange(int(out["log_id_offsets"][-1]))
+    ]
+    return out
+
+
 def _train_graph(
     dataset: Dataset, data_dir: Path, threshold: float, events: Path | None,
-    weights: EventWeights | None, since: Path | None, out: TextIO,
+    weights: EventWeights | None, since: Path | None, out: TextIO, history_cap: int,
 ) -> tuple[SignedGraph, IdMap, dict[str, Any] | None, dict[str, np.ndarray]]:  # fmt: skip
     """The train graph and users: the dataset's, or ``since``'s, plus a log's feedback; with the
     manifest's record of that log (None without ``events``) and the logged events the graph
@@ -444,7 +465,8 @@ def _train_graph(
         "users": graph.n_users,
         "weights": msgspec.to_builtins(feedback.weights),
     }
-    return graph, users, log_info, concat_history(history, feedback.history)
+    return graph, users, log_info, latest_per_user(concat_history(history, feedback.history),
+                                                   history_cap)  # fmt: skip
 
 
 def train(
@@ -458,6 +480,7 @@ def train(
     weights: EventWeights | None = None,
     since: Path | None = None,
     fixed_ranking: RankingChoice | None = None,
+    history_cap: int = ServerConfig().history_max_limit,
 ) -> Path:
     """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
 
@@ -467,7 +490,8 @@ def train(
     log, weighted by ``weights`` as the server folds them, and the artifact's watermark is the
     last seq read: a server on that state replays only what came after it. With ``since`` (a
     version trained on the same data and log) training starts from that version's graph and
-    reads only the events after its watermark, so the log's older segments may be gone.
+    reads only the events after its watermark, so the log's older segments may be gone. The
+    version keeps each user's ``history_cap`` most recent logged events for their history.
     """
     started = time.perf_counter()
     pin_malloc_threshold()
@@ -481,7 +505,7 @@ def train(
         flush=True,
     )
     graph, users, log_info, history = _train_graph(dataset, Path(data_dir), threshold, events,
-                                                   weights, since, out)  # fmt: skip
+                                                   weights, since, out, history_cap)  # fmt: skip
     # Masked: every pair in the train graph (dataset rows and logged feedback alike).
     masked = interaction_matrix(*graph.edges()[:2], graph.n_users, dataset.n_items)
     valid, test = dataset.valid, dataset.test

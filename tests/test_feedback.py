@@ -250,13 +250,15 @@ def _post(state: LiveState, events: list[tuple[str, str, str, str, float | None]
     state.apply(state.log.append_sync(new))  # type: ignore[union-attr]
 
 
-def _retrain(tiny_dataset: TinyDataset, tiny_artifact: Path, state_dir: Path, root: Path) -> Path:
+def _retrain(tiny_dataset: TinyDataset, tiny_artifact: Path, state_dir: Path, root: Path,
+             history_cap: int = 5000) -> Path:  # fmt: skip
     hyper = load_artifact(tiny_artifact).manifest["model"]["hyper"]
     with known_training_warnings_ignored():
         from server.train import train
 
         return train(tiny_dataset.path, THRESHOLD, root, tiny_dataset.model, out=io.StringIO(),
-                     fixed=Hyper(**hyper), events=state_dir, weights=EventWeights())  # fmt: skip
+                     fixed=Hyper(**hyper), events=state_dir, weights=EventWeights(),
+                     history_cap=history_cap)  # fmt: skip
 
 
 @pytest.fixture
@@ -445,3 +447,51 @@ def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
         if key != "users":
             assert result[key] == pytest.approx(value, abs=1e-6), key
     assert "0 test rows are in it, not held out" in printed.err
+
+
+def test_a_version_keeps_at_most_history_cap_logged_events_per_user(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    live = _live(tiny_artifact, tmp_path / "state")
+    _post(live, ONLINE)
+    asyncio.run(live.close())
+    capped = _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root", 1)
+    arrays = load_artifact(capped).arrays
+    assert len(arrays["log_users"]) == len({u for _, u, _, _, _ in ONLINE})  # one per user
+    assert arrays["log_seqs"].tolist() == sorted(arrays["log_seqs"].tolist())
+    newest = {u: n for n, (_, u, _, _, _) in enumerate(ONLINE, start=1)}
+    assert sorted(arrays["log_seqs"].tolist()) == sorted(newest.values())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.integers(0, 3), st.text(max_size=6)), max_size=40),
+    cap=st.integers(1, 5),
+)
+def test_a_version_keeps_each_users_latest_logged_events(
+    events: list[tuple[int, str]], cap: int
+) -> None:
+    """The cap keeps each user's newest ``cap`` events, in seq order, ids intact."""
+    from server.train import latest_per_user
+
+    blobs = [f"{n}:{text}".encode() for n, (_, text) in enumerate(events)]
+    history = {
+        "log_seqs": np.arange(1, len(events) + 1, dtype=np.int64),
+        "log_users": np.asarray([u for u, _ in events], np.int32),
+        "log_items": np.arange(len(events), dtype=np.int32),
+        "log_kinds": np.zeros(len(events), np.uint8),
+        "log_values": np.full(len(events), np.nan),
+        "log_ts": np.arange(len(events), dtype=np.float64),
+        "log_id_offsets": np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(
+            np.int64
+        ),
+        "log_id_bytes": np.frombuffer(b"".join(blobs), np.uint8),
+    }
+    kept = latest_per_user(history, cap)
+    expected = [n for n, (u, _) in enumerate(events)
+                if sum(1 for v, _ in events[n + 1 :] if v == u) < cap]  # fmt: skip
+    assert kept["log_items"].tolist() == expected
+    assert kept["log_seqs"].tolist() == [n + 1 for n in expected]
+    offsets, data = kept["log_id_offsets"], kept["log_id_bytes"].tobytes()
+    ids = [data[offsets[k] : offsets[k + 1]] for k in range(len(expected))]
+    assert ids == [blobs[n] for n in expected]
