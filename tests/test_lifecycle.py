@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -436,6 +437,10 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
     shutil.rmtree(root / tiny_artifact.name)
     third = _server(root, state, env)
     try:
+        # Retention runs once the state is up, just before the "ready" log line: wait for it.
+        deadline = time.monotonic() + 30.0
+        while "ready: model" not in third.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         kept = sorted((state / "events").glob("events-*.log"))
         assert segments[0] not in kept
         assert int(kept[0].name[7:27]) <= len(events) - 2 + 1  # the dedup window is kept
