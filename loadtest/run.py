@@ -32,8 +32,9 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 P99_BAR_MS = 500.0
 ACHIEVED_SHARE = 0.99  # a step holds when it achieves at least this share of what was offered
 START_TIMEOUT_S = 300.0  # a first start on a GPU also compiles the CUDA kernels
-# A failed step whose server and Locust CPU together reach this share of every core was bounded
-# by the shared machine, not necessarily by the server.
+# A failed step whose server and Locust CPU together reach this share of every core, or whose
+# Locust processes reach it of theirs, was bounded by the load generator or the shared machine,
+# not necessarily by the server.
 SATURATED_SHARE = 0.85
 
 
@@ -196,11 +197,24 @@ def _plot(steps: list[Step], path: Path) -> None:
     plt.close(fig)
 
 
-def saturated_steps(steps: list[Step], cores: int) -> list[Step]:
-    """Failed steps where the server and Locust together used nearly every core."""
-    limit = SATURATED_SHARE * 100.0 * cores
-    return [s for s in steps
-            if not s.holds and s.server_cpu_percent + s.locust_cpu_percent >= limit]  # fmt: skip
+def saturated_steps(steps: list[Step], cores: int, processes: int) -> list[tuple[Step, str]]:
+    """Failed steps that may have measured the load generator: each with why, for the report."""
+    out = []
+    for s in steps:
+        server, locust = s.server_cpu_percent, s.locust_cpu_percent
+        if s.holds:
+            continue
+        if locust >= SATURATED_SHARE * 100.0 * processes:
+            why = (f"Locust itself saturated: its {processes} process(es) used {locust:.0f}% of a "
+                   "core, so this step measured the load generator, not the server")  # fmt: skip
+        elif server + locust >= SATURATED_SHARE * 100.0 * cores:
+            why = (f"the machine saturated: server {server:.0f}% + Locust {locust:.0f}% of "
+                   f"{cores} cores' 100% each, so the load generator sharing them may be what "
+                   "gave out, not the server")  # fmt: skip
+        else:
+            continue
+        out.append((s, why))
+    return out
 
 
 def _bar_1000_text(step: Step | None, duration: int, passed: bool) -> str:
@@ -262,8 +276,8 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         "healthz_ceiling_found": ceiling_found,
         "bar_1000rps_60s": bar_1000,
         "saturated_failed_steps": [
-            {"target": s.target, "offered_rps": s.offered_rps}
-            for s in saturated_steps(steps, cores)
+            {"target": s.target, "offered_rps": s.offered_rps, "why": why}
+            for s, why in saturated_steps(steps, cores, args.processes)
         ],
     }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
@@ -306,11 +320,9 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         f"- Highest holding step: {best['mixed']:.0f} req/s; /healthz ceiling in the same run: "
         + _ceiling_text(best["healthz"], ratio, bool(healthz), ceiling_found),
         *(
-            f"- {s.target} {s.offered_rps:.0f}/s failed with the machine saturated: server "
-            f"{s.server_cpu_percent:.0f}% + Locust {s.locust_cpu_percent:.0f}% of {cores} "
-            "cores' 100% each, so the load generator sharing them may be what gave out, not the "
-            "server; Locust on another machine would tell."
-            for s in saturated_steps(steps, cores)
+            f"- {s.target} {s.offered_rps:.0f}/s failed with {why}; Locust on another machine "
+            "(or more Locust processes) would tell."
+            for s, why in saturated_steps(steps, cores, args.processes)
         ),
         "",
         f"![latency against throughput]({stem.name}.png)",

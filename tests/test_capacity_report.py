@@ -25,7 +25,7 @@ def _render(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: list[Step], duration: int
 ) -> tuple[str, dict[str, object]]:
     monkeypatch.setattr(capacity, "REPORTS", tmp_path)
-    args = argparse.Namespace(duration=duration, report="cap")
+    args = argparse.Namespace(duration=duration, report="cap", processes=1)
     md = capacity.report(steps, args, "a test machine")
     return md.read_text(), json.loads((tmp_path / "cap.json").read_text())
 
@@ -74,13 +74,17 @@ def test_a_step_failed_on_a_saturated_machine_is_flagged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(capacity.os, "sched_getaffinity", lambda _pid: {0, 1})
-    busy = _step("mixed", 4500, 3945, p99=320)
-    busy.server_cpu_percent, busy.locust_cpu_percent = 82.0, 94.0  # 176% of 2 cores' 200%
+    shared = _step("mixed", 4500, 3945, p99=320)
+    shared.server_cpu_percent, shared.locust_cpu_percent = 95.0, 80.0  # 175% of 2 cores' 200%
     idle = _step("mixed", 5000, 4000, p99=900)  # failed with CPU to spare: the server's limit
     held = _step("mixed", 1000, 1001)
     held.server_cpu_percent, held.locust_cpu_percent = 99.0, 99.0  # saturated, but it held
-    text, payload = _render(tmp_path, monkeypatch, [held, busy, idle], 60)
-    assert "mixed 4500/s failed with the machine saturated: server 82% + Locust 94% of 2" in text
-    assert "5000/s failed with the machine saturated" not in text
+    ceiling = _step("healthz", 5500, 4936, p99=240)  # the one Locust process at 99%
+    ceiling.server_cpu_percent, ceiling.locust_cpu_percent = 40.0, 99.0
+    text, payload = _render(tmp_path, monkeypatch, [held, shared, idle, ceiling], 60)
+    assert "mixed 4500/s failed with the machine saturated: server 95% + Locust 80% of 2" in text
+    assert "healthz 5500/s failed with Locust itself saturated: its 1 process(es) used 99%" in text
+    assert "5000/s failed with" not in text
     assert "1000/s failed" not in text
-    assert payload["saturated_failed_steps"] == [{"target": "mixed", "offered_rps": 4500}]
+    saturated = [(s["target"], s["offered_rps"]) for s in payload["saturated_failed_steps"]]
+    assert saturated == [("mixed", 4500), ("healthz", 5500)]
