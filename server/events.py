@@ -52,6 +52,10 @@ MAX_PAYLOAD_BYTES: Final[int] = 64 * 1024
 MAX_ID_CHARS: Final[int] = 512
 SEGMENT_PATTERN: Final[re.Pattern[str]] = re.compile(r"events-(\d{20})\.log")
 LOCK_NAME: Final[str] = "LOCK"
+# Held exclusively by the writer over each write + fsync (or rollback), shared by a lock-free
+# reader while it takes the segments' sizes: a reader then sees only whole, durable batches,
+# never bytes a failed fsync is about to cut off and whose seqs the next batch reuses.
+COMMIT_LOCK_NAME: Final[str] = "COMMIT"
 EVENTS_DIR: Final[str] = "events"  # the log's directory inside a server's state dir
 # Beside the log: the item catalogue (Artifact.catalogue_fingerprint) whose ids its events name.
 CATALOGUE_FILE: Final[str] = "catalogue"
@@ -305,6 +309,73 @@ def claim_catalogue(state_dir: Path, fingerprint: str) -> None:
         atomic_write(marker, f"{fingerprint}\n".encode())
 
 
+def _pread_all(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of an open file, looping over short reads."""
+    pieces: list[bytes] = []
+    offset = 0
+    while offset < size:
+        piece = os.pread(fd, size - offset, offset)
+        if not piece:
+            raise OSError(errno.EIO, f"file shrank below {size} bytes while read")
+        pieces.append(piece)
+        offset += len(piece)
+    return b"".join(pieces)
+
+
+def _failed_rotation(segments: list[_Segment]) -> bool:
+    """Whether the last segment is an empty leftover of a failed rotation: its name claims a
+    seq the previous segment went on to hold (an earlier version did not retry the rotation)."""
+    if len(segments) < 2 or segments[-1].path.stat().st_size:
+        return False
+    buf = _read_file(segments[-2].path)
+    count, _, _ = _scan(buf, segments[-2].first_seq)
+    return segments[-1].first_seq < segments[-2].first_seq + count
+
+
+def _drop_failed_rotation(directory: Path, segments: list[_Segment]) -> list[_Segment]:
+    """Remove an empty leftover of a failed rotation (it holds nothing; see _failed_rotation)."""
+    if not _failed_rotation(segments):
+        return segments
+    logger.warning("event log: removing %s, an empty leftover of a failed rotation",
+                   segments[-1].path)  # fmt: skip
+    segments[-1].path.unlink()
+    _fsync_dir(directory)
+    return segments[:-1]
+
+
+def _read_durable(directory: Path) -> tuple[list[_Segment], list[bytes]]:
+    """Every segment's bytes up to where the writer had committed when they were opened.
+
+    The segments are opened and sized under the shared commit lock, then read without it: the
+    writer waits only for the listing, and a segment that retention deletes meanwhile stays
+    readable through its open descriptor. A log whose writer predates the commit lock (no file)
+    is read as it stands.
+    """
+    handles: list[tuple[int, int]] = []
+    try:
+        try:
+            lock_fd: int | None = os.open(directory / COMMIT_LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            lock_fd = None
+        try:
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)
+            segments = _list_segments(directory)
+            if _failed_rotation(segments):
+                segments = segments[:-1]  # the writer's next open removes it
+            for seg in segments:
+                fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+                handles.append((fd, os.fstat(fd).st_size))
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # releases the shared lock
+        buffers = [_pread_all(fd, size) for fd, size in handles]
+    finally:
+        for fd, _ in handles:
+            os.close(fd)
+    return segments, buffers
+
+
 class ReadReport(Base):
     """What a lock-free read of a log saw: its seq range and anything cut off its end."""
 
@@ -318,16 +389,14 @@ class ReadReport(Base):
 def read_records(
     directory: Path, batch_size: int = 65536
 ) -> tuple[ReadReport, Iterator[list[EventRecord]]]:
-    """Read a log without its lock (a running server may be appending): every complete record,
-    in seq order, in lists; a partial record at the very end (a write in flight, or a torn tail
-    the next open will cut) is left out and reported. Damage anywhere else raises."""
+    """Read a log without its writer lock (a running server may be appending): every record
+    committed when the read began, in seq order, in lists; a partial record at the very end (a
+    torn tail the next open will cut) is left out and reported. Damage anywhere else raises."""
     directory = Path(directory)
     if not directory.is_dir():
         raise LogUnavailableError(f"event log {directory} does not exist", {"file": str(directory)})
     try:
-        segments = _list_segments(directory)
-        # Only the last segment can still grow; it is read as it stands at this moment.
-        buffers = [_read_file(seg.path) for seg in segments]
+        segments, buffers = _read_durable(directory)
     except OSError as exc:
         raise _unavailable("read", exc, directory) from exc
     expected = segments[0].first_seq if segments else 1
@@ -397,6 +466,7 @@ class EventLog:
         tail: _Tail,
         fd: int,
         lock_fd: int,
+        commit_fd: int,
     ) -> None:
         """Wrap already-recovered state; call :meth:`EventLog.open` instead."""
         self._dir = directory
@@ -405,6 +475,11 @@ class EventLog:
         self._tail_lock = threading.Lock()
         self._fd: int | None = fd
         self._lock_fd: int | None = lock_fd
+        self._commit_fd: int | None = commit_fd
+        # Set when a rotation failed: its empty segment file may be left behind, so the next
+        # batch (whose first seq is that file's, seqs being rolled back) must rotate into it
+        # rather than land in the old segment and make the two overlap.
+        self._must_rotate = False
         self._next_seq = tail.last_seq + 1
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -445,18 +520,27 @@ class EventLog:
                 ) from exc
             raise _unavailable("lock", exc, directory / LOCK_NAME) from exc
         try:
-            return cls._recover(directory, config, lock_fd)
+            commit_fd = os.open(
+                directory / COMMIT_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            os.close(lock_fd)
+            raise _unavailable("open", exc, directory / COMMIT_LOCK_NAME) from exc
+        try:
+            return cls._recover(directory, config, lock_fd, commit_fd)
         except BaseException:
+            os.close(commit_fd)
             os.close(lock_fd)
             raise
 
     @classmethod
     def _recover(
-        cls, directory: Path, config: EventLogConfig, lock_fd: int
+        cls, directory: Path, config: EventLogConfig, lock_fd: int, commit_fd: int
     ) -> tuple[EventLog, OpenReport]:
         """Scan all segments under the held lock and build the log (see :meth:`open`)."""
         try:
             segments = _list_segments(directory)
+            segments = _drop_failed_rotation(directory, segments)
         except OSError as exc:
             raise _unavailable("listing", exc, directory) from exc
         records = 0
@@ -531,7 +615,7 @@ class EventLog:
             truncated_bytes=truncated,
             problem=problem,
         )
-        return cls(directory, config, tail, fd, lock_fd), report
+        return cls(directory, config, tail, fd, lock_fd, commit_fd), report
 
     # ------------------------------------------------------------------ state
 
@@ -668,11 +752,25 @@ class EventLog:
 
     def _commit_blocking(self, data: bytes, first_seq: int, last_seq: int) -> float:
         """Durably write one batch (rotating first if needed); on OSError leave no trace."""
+        commit_fd = self._commit_fd
+        if commit_fd is None:  # pragma: no cover - only a closed log lacks it, and it refuses
+            raise OSError(errno.EBADF, "event log is closed")
+        fcntl.flock(commit_fd, fcntl.LOCK_EX)
+        try:
+            return self._commit_locked(data, first_seq, last_seq)
+        finally:
+            fcntl.flock(commit_fd, fcntl.LOCK_UN)
+
+    def _commit_locked(self, data: bytes, first_seq: int, last_seq: int) -> float:
+        """:meth:`_commit_blocking` under the commit lock."""
         if self._fd is None:
             self._reopen_blocking()
         tail = self._tail
-        if tail.offset > 0 and tail.offset + len(data) > self._config.segment_bytes:
+        full = tail.offset > 0 and tail.offset + len(data) > self._config.segment_bytes
+        if full or self._must_rotate:
+            self._must_rotate = True
             self._rotate_blocking(first_seq)
+            self._must_rotate = False
         fd = self._fd
         if fd is None:  # pragma: no cover - both branches above leave an fd
             raise OSError(errno.EBADF, "no active segment")
@@ -809,6 +907,9 @@ class EventLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._commit_fd is not None:
+            os.close(self._commit_fd)
+            self._commit_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -678,6 +678,100 @@ def test_failed_rotation_retries_same_segment(
     assert [r.seq for r in reopen_records(directory, TINY)] == list(range(1, last + 2))
 
 
+def test_a_failed_rotation_is_retried_by_the_next_batch_even_a_small_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big batch's rotation fails; the next, smaller batch would fit the old segment but must
+    go to the new one, or the leftover file would overlap it and the log would not reopen."""
+    directory = tmp_path / "log"
+
+    def dir_enospc(_directory: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log, _ = EventLog.open(directory, TINY)
+    try:
+        log.append_sync([event(0)])
+        monkeypatch.setattr(events, "_fsync_dir", dir_enospc)
+        with pytest.raises(LogUnavailableError, match="ENOSPC"):
+            log.append_sync([event(i) for i in range(1, 8)])  # does not fit: rotates
+        monkeypatch.undo()
+        assert log.append_sync([event(9)])[0].seq == 2  # would fit the first segment
+    finally:
+        log.close_sync()
+    assert [p.name for p in segments(directory)] == [events.segment_name(1), events.segment_name(2)]
+    assert reopen_records(directory, TINY) == expected([event(0), event(9)])
+    report, batches = events.read_records(directory)
+    assert (report.last_seq, [r.seq for b in batches for r in b]) == (2, [1, 2])
+
+
+def test_an_empty_leftover_overlapping_the_last_segment_is_removed_on_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A log left by a writer that did not retry a failed rotation: an empty segment named
+    for a seq the previous segment went on to hold. It holds nothing, so it goes, with a
+    warning; a lock-free reader skips it meanwhile."""
+    directory = tmp_path / "log"
+    written = [event(i) for i in range(3)]
+    log, _ = EventLog.open(directory, DEFAULT)
+    log.append_sync(written)
+    log.close_sync()
+    leftover = directory / events.segment_name(2)
+    leftover.touch()
+    _, batches = events.read_records(directory)
+    assert [r.seq for b in batches for r in b] == [1, 2, 3]
+    with caplog.at_level(logging.WARNING, logger="signedrec.events"):
+        assert reopen_records(directory) == expected(written)
+    assert not leftover.exists()
+    assert "leftover of a failed rotation" in caplog.text
+
+
+def test_a_reader_never_sees_a_batch_whose_fsync_then_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_records`` (train --events reads a live log) waits out a commit in flight: records
+    written but cut back after a failed fsync, their seqs reused, are never read."""
+    directory = tmp_path / "log"
+    entered, gate = threading.Event(), threading.Event()
+
+    def gated_enospc(_fd: int) -> None:
+        entered.set()
+        gate.wait(10)
+        enospc(_fd)
+
+    log, _ = EventLog.open(directory, DEFAULT)
+    seen: list[list[EventRecord]] = []
+    try:
+        log.append_sync([event(0)])
+        monkeypatch.setattr(events, "_fsync", gated_enospc)
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                log.append_sync([event(1), event(2)])
+            except LogUnavailableError as exc:
+                failed.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert entered.wait(10)  # the batch is written, its fsync pending
+        reader = threading.Thread(
+            target=lambda: seen.append([r for b in events.read_records(directory)[1] for r in b])
+        )
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # waits for the commit to end
+        gate.set()
+        writer.join(10)
+        reader.join(10)
+        monkeypatch.undo()
+        assert log.append_sync([event(7)])[0].seq == 2  # the failed batch's seq, reused
+    finally:
+        gate.set()
+        log.close_sync()
+    assert seen == [expected([event(0)])]
+    assert len(failed) == 1
+
+
 # ---------------------------------------------------------------- misuse
 
 
