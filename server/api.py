@@ -18,7 +18,7 @@ import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, Parameter
 from prometheus_client import generate_latest
 
 from server.artifacts import list_versions
@@ -183,9 +183,9 @@ def metrics(request: Request) -> Response:
 @get("/v1/recommendations/{user_id:str}", responses=READ_ERRORS)
 async def recommendations(
     request: Request,
-    user_id: str,
+    user_id: FromPath[str],
     k: Annotated[int | None, Parameter(ge=1)] = None,
-    include_liked: bool = False,
+    include_liked: FromQuery[bool] = False,
 ) -> Response[RecommendationsOut]:
     """Top-K for a user: no items they gave feedback on, dislike look-alikes pushed down."""
     started = time.perf_counter()
@@ -246,42 +246,70 @@ async def _feedback(
     if len(body) > limits.max_body_bytes:
         raise BodyTooLargeError(f"body exceeds {limits.max_body_bytes} bytes")
     service.guard.verify_signature(request.headers, body)
-    try:
-        decoded = FEEDBACK_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        raise SchemaError(str(exc), {"problem": str(exc)}) from None
-    except msgspec.DecodeError as exc:
-        raise MalformedJsonError(f"body is not valid JSON: {exc}") from None
+    decoded = _decode(FEEDBACK_DECODER, body)
     events = decoded if isinstance(decoded, list) else [decoded]
     if not events:
         raise SchemaError("an empty list of events")
     if len(events) > limits.max_events_per_batch:
         raise SchemaError(f"at most {limits.max_events_per_batch} events per request")
-    state.validate(events)
-    fresh, duplicates = state.split_duplicates(events)
+    now = time.time()
+    new = [
+        NewEvent(event_id=e.event_id, user_id=e.user_id, item_id=e.item_id, kind=e.kind,
+                 value=e.value, ts=now if e.ts is None else e.ts)
+        for e in events
+    ]  # fmt: skip
+    state.validate(new)
+    # A repeat of an id whose write is in flight (a client retrying after a timeout) waits for
+    # it: acknowledged as a duplicate only once that write is applied, written again if it failed.
+    while waiting := state.in_flight(new):
+        await asyncio.wait([reservation.wait() for reservation in waiting])
+    fresh, duplicates = state.split_duplicates(new)
     if fresh:
-        now = time.time()
-        new = [
-            NewEvent(event_id=e.event_id, user_id=e.user_id, item_id=e.item_id, kind=e.kind,
-                     value=e.value, ts=now if e.ts is None else e.ts)
-            for e in fresh
-        ]  # fmt: skip
         state.reserve(fresh)
-        try:
-            records = await state.log.append(new)  # type: ignore[union-attr]
-        except BaseException:
-            state.release(fresh)
-            raise
-        state.apply(records)
-        service.metrics.events.inc(len(records))
-        service.maybe_snapshot(state)
+        # Shielded: a request cancelled mid-write (a client gone, a shutdown's grace period over)
+        # must still apply what the log committed, or the live state and its snapshots would
+        # miss an event the log holds.
+        write = asyncio.ensure_future(_log_and_apply(service, state, fresh))
+        write.add_done_callback(_retrieve)
+        await asyncio.shield(write)
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
 
 
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """A JSON body as its wire type; a 400 for bytes that are not JSON (or not UTF-8), a 422
+    for JSON of the wrong shape."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(str(exc), {"problem": str(exc)}) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MalformedJsonError(f"body is not valid JSON: {exc}") from None
+
+
+async def _log_and_apply(service: Service, state: LiveState, fresh: list[NewEvent]) -> None:
+    """Write reserved events to the log, then apply them; free their ids if the write fails."""
+    try:
+        records = await state.log.append(fresh)  # type: ignore[union-attr]
+    except BaseException:
+        state.release(fresh)
+        raise
+    state.apply(records)
+    service.metrics.events.inc(len(records))
+    service.maybe_snapshot(state)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a shielded write's error as seen (its request may be gone; the log logged it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 @get("/v1/users/{user_id:str}/history", responses=READ_ERRORS)
-async def history(request: Request, user_id: str, limit: int | None = None) -> HistoryOut:
+async def history(
+    request: Request, user_id: FromPath[str], limit: FromQuery[int | None] = None
+) -> HistoryOut:
     """The user's signed feedback, newest first."""
     started = time.perf_counter()
     service = _service(request)
@@ -302,7 +330,7 @@ async def history(request: Request, user_id: str, limit: int | None = None) -> H
 
 @get("/v1/items/{item_id:str}/similar", responses=READ_ERRORS)
 async def similar(
-    request: Request, item_id: str, k: Annotated[int | None, Parameter(ge=1)] = None
+    request: Request, item_id: FromPath[str], k: Annotated[int | None, Parameter(ge=1)] = None
 ) -> SimilarOut:
     """Nearest items by cosine of the model's item vectors."""
     started = time.perf_counter()
@@ -340,12 +368,7 @@ async def reload_model(request: Request) -> ModelOut:
     service = _service(request)
     service.guard.check("admin", request.headers, _client(request))
     body = await request.body()
-    try:
-        wanted = RELOAD_DECODER.decode(body) if body.strip() else ReloadIn()
-    except msgspec.ValidationError as exc:
-        raise SchemaError(str(exc), {"problem": str(exc)}) from None
-    except msgspec.DecodeError as exc:
-        raise MalformedJsonError(f"body is not valid JSON: {exc}") from None
+    wanted = _decode(RELOAD_DECODER, body) if body.strip() else ReloadIn()
     await service.switch(wanted.version)
     return service.describe()
 

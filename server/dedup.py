@@ -12,14 +12,14 @@ from collections.abc import Iterable, Iterator
 
 
 class RecentIds:
-    """The ids among the last ``capacity`` accepted, minus released ones; forgets oldest first."""
+    """The ids among the last ``capacity`` accepted; forgets oldest first."""
 
     def __init__(self, capacity: int, ids: Iterable[str] = ()) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         # id -> the position it was (last) added at. The queue may hold stale entries for ids
-        # released or re-added since: an entry evicts its id only if the positions still match.
+        # re-added since: an entry evicts its id only if the positions still match.
         self._position: dict[str, int] = {}
         self._queue: deque[str] = deque()
         self._added = 0  # positions handed out so far
@@ -53,14 +53,9 @@ class RecentIds:
             position[event_id] = self._added
             queue.append(event_id)
             self._added += 1
-        # The window is the last ``capacity`` acceptances; a released reservation uses a place.
+        # The window is the last ``capacity`` acceptances.
         while self._added - self._evicted > self.capacity:
             oldest = queue.popleft()
             if position.get(oldest) == self._evicted:
                 del position[oldest]
             self._evicted += 1
-
-    def discard(self, ids: Iterable[str]) -> None:
-        """Forget ids (a reservation whose write failed); their queue entries go stale."""
-        for event_id in ids:
-            self._position.pop(event_id, None)

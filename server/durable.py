@@ -17,14 +17,24 @@ def fsync_dir(directory: Path, fsync: Callable[[int], None] = os.fsync) -> None:
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> Path:
-    """Replace ``path`` with ``data`` (or its pieces, in order) so a crash leaves old or new."""
+    """Replace ``path`` with ``data`` (or its pieces, in order) so a crash leaves old or new;
+    a failed write leaves no temporary file to hold disk space the event log may need."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        for piece in (data,) if isinstance(data, bytes) else data:
-            handle.write(piece)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = temporary(path)
+    try:
+        with tmp.open("wb") as handle:
+            for piece in (data,) if isinstance(data, bytes) else data:
+                handle.write(piece)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return path
+
+
+def temporary(path: Path) -> Path:
+    """Where :func:`atomic_write` stages ``path`` (a crash mid-write can leave it behind)."""
+    return path.with_name(path.name + ".tmp")

@@ -241,8 +241,9 @@ def _check_config(config: EventLogConfig) -> None:
         raise ConfigError(f"log.replay_batch must be >= 1, got {config.replay_batch}")
 
 
-def _check_event(event: NewEvent, index: int) -> None:
-    """Raise InvalidEventError when one event is semantically unusable."""
+def check_event(event: NewEvent, index: int) -> None:
+    """Raise InvalidEventError when one event is semantically unusable (``index``: its place
+    in the request, for the error)."""
 
     def bad(field: str, problem: str) -> InvalidEventError:
         return InvalidEventError(
@@ -663,7 +664,7 @@ class EventLog:
         records: list[EventRecord] = []
         frames: list[bytes] = []
         for index, event in enumerate(events):
-            _check_event(event, index)
+            check_event(event, index)
             value = None if event.value is None else float(event.value)
             rec = EventRecord(
                 first_seq + index,

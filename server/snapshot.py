@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from server.durable import atomic_write
+from server.durable import atomic_write, temporary
 
 log = logging.getLogger("signedrec.snapshot")
 
@@ -188,6 +188,10 @@ def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snap
     """The snapshot for this graph, under this version or another with the same item catalogue
     ``items`` (the caller refolds the vectors then), or None with the reason logged."""
     path = directory / FILE
+    try:
+        temporary(path).unlink(missing_ok=True)  # a write cut short by a crash
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", temporary(path), exc)
     if not path.is_file():
         return None
     try:

@@ -8,6 +8,7 @@ batch), so the served vector always equals ``sum_i weight(u, i) * Q_i`` over the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -33,6 +34,7 @@ from server.events import (
     EventRecord,
     NewEvent,
     OpenReport,
+    check_event,
     claim_catalogue,
 )
 from server.feedback import rating_strength, strengths_by_kind
@@ -189,7 +191,6 @@ class SnapshotCapture:
         self.feedback = snapshot.FeedbackChunks(state.config.log.snapshot_step)
         self.ids, self.id_offset = state.event_ids.entries()
         self.id_cursor = 0
-        self.reserved = frozenset(state.reserved)  # writes still pending at seq: left out
         self.live_ids: list[str] = []
 
     def copy_rows(self, users: np.ndarray) -> None:
@@ -233,7 +234,7 @@ class SnapshotCapture:
         end = len(self.ids) if budget is None else self.id_cursor + budget
         live = self.state.event_ids.live(self.ids[self.id_cursor : end],
                                          self.id_offset + self.id_cursor)  # fmt: skip
-        self.live_ids += [i for i in live if i not in self.reserved] if self.reserved else live
+        self.live_ids += live
         self.id_cursor = min(end, len(self.ids))
         return self.id_cursor == len(self.ids)
 
@@ -265,6 +266,33 @@ def _fold_graphs(
                          weights.astype(np.float32))  # fmt: skip
 
 
+class Reservation:
+    """One request's event ids whose log write is in flight; repeats of them wait on it."""
+
+    __slots__ = ("_settled", "_waiters")
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+        self._settled = False
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future resolved once the write has been applied or has failed (event loop only)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._settled:
+            future.set_result(None)
+        else:
+            self._waiters.append(future)
+        return future
+
+    def settle(self) -> None:
+        """Wake every waiter: the ids are now applied, or free again."""
+        self._settled = True
+        for future in self._waiters:
+            if not future.done():
+                future.set_result(None)
+        self._waiters.clear()
+
+
 class LiveState:
     """The serving state; used from one asyncio event loop (not thread-safe)."""
 
@@ -294,10 +322,11 @@ class LiveState:
         self.cache: RankingCache[bytes] = RankingCache(
             config.ranking.cache_users, config.ranking.cache_variants_per_user
         )
+        # Ids of applied events only: a write in flight is in ``reserved`` until it is applied
+        # (or fails), so a failed or refused write never takes a place in the window, and a
+        # snapshot (as of ``applied_seq``) never holds an id whose write may yet fail.
         self.event_ids = RecentIds(config.log.dedup_window)
-        # Ids reserved by requests whose log write has not completed: never in a snapshot, which
-        # would otherwise make a lost write's retry look like a duplicate after a restart.
-        self.reserved: set[str] = set()
+        self.reserved: dict[str, Reservation] = {}
         self._swap: SwapPlan | None = None
         self._capture: SnapshotCapture | None = None  # a snapshot being copied in steps
         self.events_applied = 0
@@ -429,7 +458,7 @@ class LiveState:
             self._remember_trained_ids(report.first_seq)
         replayed = self.events_applied
         for batch in self.log.replay(after_seq=after):
-            self._apply(batch, replay=True)
+            self._apply(batch)
         replayed = self.events_applied - replayed
         log.info(
             "replayed %d events in %.2fs after seq %d (log: %d records, %d segments%s)",
@@ -562,9 +591,11 @@ class LiveState:
         return strength if strength > 0 else -strength * neg_weight
 
     def validate(self, events: Sequence[NewEvent]) -> None:
-        """Refuse the whole batch before logging if any event names an unknown item."""
+        """Refuse the whole batch before logging if any event is unusable or names an unknown
+        item; errors carry the event's index in the request."""
         items = self.item_side.items
         for position, event in enumerate(events):
+            check_event(event, position)
             if items.get(event.item_id) is None:
                 raise UnknownItemError(
                     f"item {event.item_id!r} is not in model {self.item_side.version}",
@@ -575,28 +606,43 @@ class LiveState:
                     "a rating event needs a value", {"index": position, "field": "value"}
                 )
 
+    def in_flight(self, events: Sequence[NewEvent]) -> list[Reservation]:
+        """The writes in flight that hold some of these ids: a repeat waits for their outcome
+        (a duplicate if they land, its own write if they fail) instead of guessing."""
+        reserved = self.reserved
+        found = {id(r): r for e in events if (r := reserved.get(e.event_id)) is not None}
+        return list(found.values())
+
     def split_duplicates(self, events: Sequence[NewEvent]) -> tuple[list[NewEvent], int]:
         """New events (first occurrence of each id) and how many were repeats."""
         fresh: list[NewEvent] = []
         batch_ids: set[str] = set()
+        seen, reserved = self.event_ids, self.reserved
         for event in events:
-            if event.event_id in self.event_ids or event.event_id in batch_ids:
+            event_id = event.event_id
+            if event_id in seen or event_id in reserved or event_id in batch_ids:
                 continue
-            batch_ids.add(event.event_id)
+            batch_ids.add(event_id)
             fresh.append(event)
         return fresh, len(events) - len(fresh)
 
-    def reserve(self, events: Iterable[NewEvent]) -> None:
+    def reserve(self, events: Iterable[NewEvent]) -> Reservation:
         """Mark ids as taken before the log write, so a concurrent repeat is not applied twice."""
-        ids = [e.event_id for e in events]
-        self.event_ids.add(ids)
-        self.reserved.update(ids)
+        reservation = Reservation()
+        self.reserved.update(dict.fromkeys((e.event_id for e in events), reservation))
+        return reservation
 
     def release(self, events: Iterable[NewEvent]) -> None:
         """Undo ``reserve`` when the write failed and nothing was accepted."""
-        ids = [e.event_id for e in events]
-        self.event_ids.discard(ids)
-        self.reserved.difference_update(ids)
+        self._settle(e.event_id for e in events)
+
+    def _settle(self, ids: Iterable[str]) -> None:
+        """End these ids' reservations and wake the repeats waiting on them."""
+        reserved = self.reserved
+        for event_id in ids:
+            reservation = reserved.pop(event_id, None)
+            if reservation is not None:
+                reservation.settle()
 
     def _user_feedback(self, user: int) -> UserFeedback:
         record = self.feedback.get(user)
@@ -621,11 +667,13 @@ class LiveState:
 
     def apply(self, records: Sequence[EventRecord]) -> None:
         """Apply durable records to graph and vectors (in seq order), one kernel call per batch."""
-        self._apply(records, replay=False)
-        if self.reserved:
-            self.reserved.difference_update(r.event_id for r in records)
+        try:
+            self._apply(records)
+        finally:
+            if self.reserved:
+                self._settle(r.event_id for r in records)
 
-    def _apply(self, records: Sequence[EventRecord], replay: bool) -> None:
+    def _apply(self, records: Sequence[EventRecord]) -> None:
         # The per-record loop is the replay hot path: locals are bound once and the numeric
         # columns gathered in lists, then handed to one kernel call.
         items_get = self.item_side.items.get
@@ -634,7 +682,7 @@ class LiveState:
         w = self._weights
         fixed = strengths_by_kind(w)
         threshold = self.item_side.threshold
-        replayed: list[str] = []
+        applied_ids: list[str] = []
         feedback_get = self.feedback.get
         users: list[int] = []
         rows: list[int] = []
@@ -645,8 +693,7 @@ class LiveState:
             item = items_get(record.item_id)
             if item is None:  # a log written under another catalogue; skip, never mis-apply
                 continue
-            if replay:
-                replayed.append(record.event_id)
+            applied_ids.append(record.event_id)
             user = self._user_index(record.user_id)
             feedback = feedback_get(user) or self._user_feedback(user)
             if user in uncopied:  # a snapshot under way needs this user as it was
@@ -674,7 +721,7 @@ class LiveState:
             users.append(user)
             rows.append(item)
             deltas.append(delta)
-        self.event_ids.add(replayed)
+        self.event_ids.add(applied_ids)
         if records:
             self.applied_seq = max(self.applied_seq, records[-1].seq)
         if users:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from pathlib import Path
 
 import msgspec
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,3 +116,32 @@ def test_a_file_written_before_the_catalogue_field_serves_its_own_version_only(
     snapshot.write(tmp_path, old, 1)
     assert snapshot.read(tmp_path, VERSION, GRAPH, ITEMS) is not None
     assert snapshot.read(tmp_path, "v2", GRAPH, ITEMS) is None
+
+
+def test_a_failed_write_leaves_the_old_snapshot_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that cannot be written (disk full) must not leave its partial copy taking the
+    space the event log needs; the previous snapshot stays as it was."""
+    snapshot.write(tmp_path, _snapshot(3, 2, [], ["a"], 4), chunk=4)
+    before = (tmp_path / snapshot.FILE).read_bytes()
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("server.durable.os.fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        snapshot.write(tmp_path, _snapshot(5, 2, [], ["a", "b"], 4), chunk=4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [snapshot.FILE]
+    assert (tmp_path / snapshot.FILE).read_bytes() == before
+
+
+def test_reading_removes_a_temporary_file_a_crash_left(tmp_path: Path) -> None:
+    snapshot.write(tmp_path, _snapshot(3, 2, [], ["a"], 4), chunk=4)
+    stale = tmp_path / (snapshot.FILE + ".tmp")
+    stale.write_bytes(b"half a snapshot")
+    back = snapshot.read(tmp_path, VERSION, GRAPH, ITEMS)
+    assert back is not None
+    assert back.event_ids == ["a"]
+    assert not stale.exists()
