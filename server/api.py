@@ -15,9 +15,10 @@ from typing import Annotated, Any
 
 import msgspec
 import uvicorn
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, Parameter
 from prometheus_client import generate_latest
 
@@ -64,6 +65,7 @@ from server.wire import (
 
 log = logging.getLogger("signedrec.api")
 EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
+API_VERSION = "1"  # the routes under /v1, as the OpenAPI document's info.version
 GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long after SIGTERM
 # Pending connections the kernel queues; uvicorn's default. (Embedded granian's is 128: with
 # 200 clients connecting at once a third of them stalled for a whole 30 s load step.)
@@ -133,6 +135,12 @@ def http_error(_: Request, exc: HTTPException) -> Response:
         status, code = 422, "invalid_request"
     detail = {"errors": exc.extra} if exc.extra else {}
     return _error_response(status, code, str(exc.detail), detail)
+
+
+@get("/{path:str}", include_in_schema=False, sync_to_thread=False)
+def schema_not_found(path: FromPath[str]) -> None:
+    """A schema page that does not exist: the one JSON error body, not litestar's HTML page."""
+    raise NotFoundException(f"no schema page {path!r}; the schema is /schema/openapi.json")
 
 
 def internal_error(_: Request, exc: Exception) -> Response:
@@ -415,6 +423,13 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         state=State({"service": service}),
+        openapi_config=OpenAPIConfig(
+            title="signedrec",
+            version=API_VERSION,
+            openapi_router=Router(
+                "/schema", route_handlers=[schema_not_found], include_in_schema=False
+            ),
+        ),
         exception_handlers={
             SignedrecError: domain_error,
             HTTPException: http_error,

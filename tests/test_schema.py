@@ -67,6 +67,15 @@ def test_every_served_operation_is_fuzzed(live: Server) -> None:
     assert served == set(OPERATIONS)
 
 
+def test_an_unknown_schema_page_gets_the_one_error_body(live: Server) -> None:
+    """Litestar answers unknown /schema/ pages with an HTML page; ours is the JSON error body."""
+    answer = live.client.get("/schema/nope")
+    assert answer.status_code == 404
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["error"]["code"] == "not_found"
+    assert live.client.get("/schema/openapi.json").json()["info"]["title"] == "signedrec"
+
+
 @pytest.mark.parametrize(
     ("mode", "method", "path"), CASES, ids=[f"{m.value} {v} {p}" for m, v, p in CASES]
 )
