@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -29,12 +30,13 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from server.durable import atomic_write, temporary
+from server.durable import atomic_write, fsync_dir, temporary
 
 log = logging.getLogger("signedrec.snapshot")
 
 SCHEMA = 3  # 2: graph; 3: framed, chunked feedback and ids
 FILE = "snapshot.msgpack"
+AHEAD_SUFFIX = "ahead-of-log"  # a snapshot set aside because its log ends before it
 HEADER = struct.Struct("<4sI")  # magic, schema
 FRAME = struct.Struct("<Q")  # the length of the frame that follows
 TRAILER = struct.Struct("<I")  # crc32 of everything between header and trailer
@@ -151,6 +153,16 @@ def _frames(snap: Snapshot, chunk: int) -> Iterator[bytes | memoryview]:
 def write(directory: Path, snap: Snapshot, chunk: int) -> Path:
     """Atomically replace the snapshot in ``directory``, encoding ``chunk`` event ids at once."""
     return atomic_write(directory / FILE, _frames(snap, chunk))
+
+
+def set_aside(directory: Path) -> Path:
+    """Rename the snapshot so no later start restores it (kept for inspection), e.g. one ahead
+    of its log: once the log grows past its seq again it would silently skip those events."""
+    path = directory / FILE
+    aside = path.with_name(f"{FILE}.{AHEAD_SUFFIX}")
+    os.replace(path, aside)
+    fsync_dir(directory)
+    return aside
 
 
 def _parse(data: memoryview) -> Snapshot:

@@ -452,8 +452,9 @@ class LiveState:
             self.restore(snap)
             after = max(after, snap.seq)
         elif snap is not None:
-            log.warning("snapshot at seq %d is ahead of the log (%d): ignored", snap.seq,
-                        report.last_seq)  # fmt: skip
+            aside = snapshot.set_aside(self.state_dir)
+            log.warning("snapshot at seq %d is ahead of the log (%d): ignored, moved to %s",
+                        snap.seq, report.last_seq, aside)  # fmt: skip
         if after == self.watermark > 0:
             self._remember_trained_ids(report.first_seq)
         replayed = self.events_applied

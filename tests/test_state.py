@@ -98,6 +98,34 @@ def test_a_restart_after_a_swap_to_another_graph_replays_instead_of_misreading_t
     asyncio.run(fresh.close())
 
 
+def test_a_snapshot_ahead_of_its_log_is_set_aside_never_restored_later(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """An operator wiped the log (or a crash lost its unsynced end): the snapshot is ahead of
+    it. Ignoring it once is not enough: after the log grows past its seq, a restart would restore
+    it and skip the new events up to that seq."""
+    config = load_config(env={})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    live.apply(live.log.append_sync([_new(f"old{i}", "0", str(i)) for i in range(3)]))  # type: ignore[union-attr]
+    live.write_snapshot()
+    asyncio.run(live.close())
+    shutil.rmtree(tmp_path / "state" / "events")
+
+    wiped = LiveState(tiny_artifact, tmp_path / "state", config)
+    wiped.open_log()  # empty log, snapshot at seq 3: ignored
+    assert not (tmp_path / "state" / "snapshot.msgpack").exists()
+    assert (tmp_path / "state" / "snapshot.msgpack.ahead-of-log").exists()
+    wiped.apply(wiped.log.append_sync([_new(f"new{i}", "0", str(i + 4)) for i in range(4)]))  # type: ignore[union-attr]
+    asyncio.run(wiped.close())  # no snapshot written: the next start replays from the log
+
+    restarted = LiveState(tiny_artifact, tmp_path / "state", config)
+    restarted.open_log()
+    assert [row[0] for row in restarted.history("0", 10)][:4] == ["new3", "new2", "new1", "new0"]
+    assert "old0" not in [row[0] for row in restarted.history("0", 10)]
+    asyncio.run(restarted.close())
+
+
 def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
