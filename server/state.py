@@ -436,9 +436,21 @@ class LiveState:
         """Open the event log, restore the snapshot if it fits, replay what follows it."""
         claim_catalogue(self.state_dir, self.catalogue)  # before the log: never replay a stranger
         self.log, report = EventLog.open(self.state_dir / EVENTS_DIR, self.config.log)
+        try:
+            self._restore_and_replay(report)
+        except BaseException:
+            self.log.close_sync()  # its lock too: a retry in this process can open it again
+            raise
+        self.ready = True
+        return report
+
+    def _restore_and_replay(self, report: OpenReport) -> None:
+        """:meth:`open_log` once the log is open: check it against the model, restore the
+        snapshot if it fits, replay what follows."""
+        if self.log is None:
+            raise RuntimeError("_restore_and_replay: the log is not open")
         after = self.watermark
         if after > report.last_seq:
-            self.log.close_sync()
             raise ArtifactError(
                 f"model {self.base_version} was trained on this state's events up to seq {after}, "
                 f"but the log in {self.state_dir / EVENTS_DIR} ends at seq {report.last_seq}: "
@@ -470,8 +482,6 @@ class LiveState:
             report.segments,
             f", repaired tail: {report.problem}" if report.problem else "",
         )
-        self.ready = True
-        return report
 
     def _check_trained_log(self, watermark: int) -> None:
         """Refuse a model trained on another log: the event at its watermark must be the one
@@ -481,7 +491,6 @@ class LiveState:
         expected = self.item_side.artifact.manifest.get("log", {}).get("last_event_id")
         found = next(iter(self.log.replay(after_seq=watermark - 1, batch_size=1)))[0].event_id
         if expected is not None and found != expected:
-            self.log.close_sync()
             raise ArtifactError(
                 f"model {self.base_version} was trained on a log whose event {watermark} is "
                 f"{expected!r}, but in {self.log.directory} it is {found!r}: serve it with the "

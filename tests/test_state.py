@@ -126,6 +126,25 @@ def test_a_snapshot_ahead_of_its_log_is_set_aside_never_restored_later(
     asyncio.run(restarted.close())
 
 
+def test_a_failure_after_the_log_opened_releases_it(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails while restoring or replaying closes the log and its lock, so a retry
+    in the same process (tests, tools) can open it."""
+    config = load_config(env={})
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("restore failed")
+
+    monkeypatch.setattr(snapshot, "read", broken)
+    with pytest.raises(RuntimeError, match="restore failed"):
+        LiveState(tiny_artifact, tmp_path / "state", config).open_log()
+    monkeypatch.undo()
+    again = LiveState(tiny_artifact, tmp_path / "state", config)
+    assert again.open_log().records == 0
+    asyncio.run(again.close())
+
+
 def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
