@@ -506,7 +506,9 @@ class EventLog:
         _check_config(config)
         directory = Path(directory)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(directory.parent)  # the new directory's name survives a power cut
             lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise _unavailable("open", exc, directory) from exc
