@@ -104,8 +104,11 @@ class Guard:
                 "the signature timestamp is outside the replay window",
                 {"window_s": self.config.hmac_window_s},
             )
-        expected = sign(secret, stamp, body)
-        if not hmac.compare_digest(expected, signature.removeprefix("sha256=")):
+        expected = sign(secret, stamp, body).encode()
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError,
+        # not a mismatch). bytes.lower() folds only ASCII, so upper-case hex is accepted too.
+        given = signature.encode("utf-8", "replace").lower().removeprefix(b"sha256=")
+        if not hmac.compare_digest(expected, given):
             raise UnauthenticatedError("the webhook signature does not match the body")
 
 
@@ -132,7 +135,7 @@ class RateLimiter:
             return
         now = self.clock()
         tokens, last = self._buckets.pop(identity, (self.burst, now))
-        if len(self._buckets) >= self.max_identities:
+        if self._buckets and len(self._buckets) >= self.max_identities:
             del self._buckets[next(iter(self._buckets))]
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < cost:

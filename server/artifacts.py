@@ -200,6 +200,19 @@ def resolve(path: Path) -> Path:
     return path / versions[-1]
 
 
+def numeric_metrics(metrics: object) -> dict[str, float]:
+    """The numeric entries of one of a manifest's metrics tables; anything else is left out."""
+    if not isinstance(metrics, dict):
+        return {}
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError):  # e.g. "n/a" written by hand or another tool
+            continue
+    return out
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse and schema-check a version's manifest without loading arrays."""
     manifest_path = Path(path) / MANIFEST

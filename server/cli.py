@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,11 +22,30 @@ DEFAULT_DATA = REPO_ROOT / "model_artifacts" / "default-data"
 DEFAULT_THRESHOLD = 4.0
 
 
+def check_directory(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is a writable directory or could be created (creates nothing)."""
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise SignedrecError(f"{what} {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SignedrecError(f"{what} {path}: directory is not writable")
+        return
+    ancestor = path.absolute().parent
+    while not (ancestor.exists() or ancestor.is_symlink()):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SignedrecError(f"{what} {path}: cannot be created, {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SignedrecError(f"{what} {path}: cannot be created, {ancestor} is not writable")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from server.config import load_config
     from server.train import RankingChoice, train
 
     config = load_config(args.config)
+    # Checked before training: a bad --out would otherwise fail only once training is done.
+    check_directory(Path(args.out), "--out")
     fixed = None
     fixed_ranking = None
     if args.hyper_from is not None:
@@ -54,6 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from server.artifacts import load_artifact
     from server.data import load_dataset
+    from server.errors import DataError
     from server.evaluate import evaluate_scores, ground_truth, held_out, interaction_matrix
     from server.graph import build_graph
 
@@ -84,6 +106,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     z = graph.signed_input(artifact.neg_weight)
     table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
     truth = ground_truth(split, threshold, graph.n_users, n_items)
+    if len(truth.users) == 0:
+        raise DataError(
+            str(Path(args.data) / f"{args.split}.txt"),
+            None,
+            f"no user has a positive (rating >= {threshold:g}) in the {args.split} split to "
+            f"evaluate against; is --threshold {threshold:g} right?",
+        )
 
     def model_scores(users: np.ndarray) -> np.ndarray:
         return (z[users] @ table) @ vectors.T
@@ -106,16 +135,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    from server.artifacts import list_versions, read_manifest
+    from server.artifacts import list_versions, numeric_metrics, read_manifest
 
     root = Path(args.root)
     if not root.is_dir():
         raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
     for version in list_versions(root):
         manifest = read_manifest(root / version)
-        test = manifest.get("metrics", {}).get("test", {})
+        metrics = manifest.get("metrics")
+        test = numeric_metrics(metrics.get("test") if isinstance(metrics, dict) else None)
         # The watermark tells an operator which logged events a version holds (log retention).
-        print(version, f"ndcg@20(test)={test.get('ndcg@20', float('nan')):.4f}",
+        print(version, f"ndcg@20(test)={test.get('ndcg@20', math.nan):.4f}",
               f"watermark={int(manifest.get('watermark', 0))}")  # fmt: skip
     return 0
 
@@ -144,8 +174,22 @@ def _cmd_build_default(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.api import serve
+    from server.config import PORT_MAX, PORT_MIN, load_config
+    from server.errors import ConfigError
 
+    # The arguments are checked here, before anything binds or loads: serve() would take an
+    # empty --host for "use the config's" and pass a bad port to bind (an OverflowError).
+    if args.host is not None and not args.host.strip():
+        raise ConfigError("--host must not be empty")
+    if args.port is not None and not PORT_MIN <= args.port <= PORT_MAX:
+        raise ConfigError(f"--port must be between {PORT_MIN} and {PORT_MAX}, got {args.port}")
+    config = load_config(args.config)
+    from server.api import default_state_dir, serve  # the HTTP stack: only once args are good
+
+    artifact = DEFAULT_ARTIFACTS if args.artifact is None else Path(args.artifact)
+    # The state dir as serve() resolves it; it is created only once the port is bound.
+    state_dir = args.state_dir or config.server.state_dir or default_state_dir(artifact)
+    check_directory(Path(state_dir), "state dir")
     return serve(args)
 
 

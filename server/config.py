@@ -36,8 +36,8 @@ class Hyper(Base):
 class ModelConfig(Base):
     """The signed linear graph model and its automatic hyper-parameter search."""
 
-    dim: int = 256
-    seed: int = 0
+    dim: Annotated[int, msgspec.Meta(ge=1)] = 256
+    seed: Annotated[int, msgspec.Meta(ge=0)] = 0  # numpy's generators refuse a negative seed
     selection_metric: Literal["ndcg@20", "recall@20"] = "ndcg@20"
     # Starting point and grids of the coordinate search, identical for every dataset. The ridge
     # penalty is relative to the mean item degree, so one grid fits catalogues of any density.
@@ -49,7 +49,7 @@ class ModelConfig(Base):
     gf_rank_grid: tuple[Annotated[int, msgspec.Meta(ge=1)], ...] = (32, 128, 256)
     gf_ideal_grid: tuple[float, ...] = (0.5, 2.0)
     # Stop searching one axis after this many trials in a row without improvement.
-    patience: int = 2
+    patience: Annotated[int, msgspec.Meta(ge=1)] = 2
     # Dislike suppression strength: the largest of the grid whose valid NDCG@20 stays within
     # this relative tolerance of no suppression is stored in the artifact for serving.
     suppression_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -57,8 +57,8 @@ class ModelConfig(Base):
     # ... unless look-alikes of a fresh dislike would not sink: gamma is raised until most
     # (this share) of a fresh dislike's nearest items drop in rank (sampled valid dislikes).
     suppression_sink_rate: float = 0.5
-    suppression_lookalikes: int = 5
-    suppression_sample: int = 500
+    suppression_lookalikes: Annotated[int, msgspec.Meta(ge=1)] = 5
+    suppression_sample: Annotated[int, msgspec.Meta(ge=1)] = 500
     # Dislike propensity (server/propensity.py): ranking subtracts beta x P(user dislikes item);
     # the largest beta of the grid whose valid NDCG@20 stays within the tolerance of beta 0 (with
     # the chosen suppression) is stored in the artifact. `prior` smooths user and item rates.
@@ -66,7 +66,8 @@ class ModelConfig(Base):
     # fell below the static model in benchmarks.online, amazon-music 0.992x).
     propensity_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
     propensity_tolerance: float = 0.0
-    propensity_prior: float = 16.0
+    # Must be > 0: an item or user with no signed feedback would get rate 0/0 (NaN scores).
+    propensity_prior: Annotated[float, msgspec.Meta(gt=0.0)] = 16.0
 
 
 class EventWeights(Base):
@@ -82,10 +83,10 @@ class EventWeights(Base):
 class RankingConfig(Base):
     """Candidate retrieval, exclusion and negative suppression."""
 
-    default_k: int = 20
-    max_k: int = 200
-    candidate_multiplier: int = 4
-    candidate_min: int = 100
+    default_k: Annotated[int, msgspec.Meta(ge=1)] = 20  # at most max_k
+    max_k: Annotated[int, msgspec.Meta(ge=1)] = 200
+    candidate_multiplier: Annotated[int, msgspec.Meta(ge=1)] = 4
+    candidate_min: Annotated[int, msgspec.Meta(ge=0)] = 100
     # Extra candidates fetched for the user's seen (excluded) items; a longer history is fetched
     # to its own length in a second search for that user alone.
     exclusion_pad: Annotated[int, msgspec.Meta(ge=0)] = 64
@@ -104,16 +105,23 @@ class RankingConfig(Base):
     # cache_users * cache_variants_per_user * (8 * max_k + 130) bytes: ~280 MB at the defaults.
     cache_variants_per_user: Annotated[int, msgspec.Meta(ge=1)] = 8
 
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError here as a validation error at `$.ranking`.
+        if self.default_k > self.max_k:
+            raise ValueError(
+                f"ranking.default_k ({self.default_k}) must not exceed ranking.max_k ({self.max_k})"
+            )
+
 
 class IndexConfig(Base):
     """FAISS index kind and device."""
 
     kind: Literal["flat", "ivf", "hnsw"] = "flat"
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    ivf_nlist: int = 256
-    ivf_nprobe: int = 16
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    ivf_nlist: Annotated[int, msgspec.Meta(ge=1)] = 256
+    ivf_nprobe: Annotated[int, msgspec.Meta(ge=1)] = 16
+    hnsw_m: Annotated[int, msgspec.Meta(ge=2)] = 32  # HNSW's level factor is 1 / ln(m)
+    hnsw_ef_search: Annotated[int, msgspec.Meta(ge=1)] = 128
     # OpenMP threads FAISS may use for CPU searches; 0 keeps FAISS's default (one per core).
     # The server's micro-batches are small, and idle OpenMP workers spin-wait on the cores the
     # event loop needs: at 1500 req/s on 2 cores one thread cut server CPU from 129% to 80%.
@@ -130,12 +138,17 @@ class KernelConfig(Base):
     backend: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+# The size of an event-log record's header (server/events.py HEADER_SIZE; a test keeps them equal).
+SEGMENT_HEADER_BYTES = 20
+
+
 class EventLogConfig(Base):
     """The durable feedback log."""
 
-    segment_bytes: int = 64 * 1024 * 1024
-    replay_batch: int = 65536
-    snapshot_every_events: int = 1_000_000
+    # A segment must hold at least one record: its 20-byte header (events.HEADER_SIZE) and more.
+    segment_bytes: Annotated[int, msgspec.Meta(gt=SEGMENT_HEADER_BYTES)] = 64 * 1024 * 1024
+    replay_batch: Annotated[int, msgspec.Meta(ge=1)] = 65536
+    snapshot_every_events: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
     # A periodic snapshot copies this many users' feedback (or dedup ids) per event-loop step,
     # and its writer encodes chunks of this many, so requests interleave with both.
     snapshot_step: Annotated[int, msgspec.Meta(ge=1)] = 200
@@ -161,16 +174,20 @@ HttpFront = Literal["uvicorn", "granian"]
 HTTP_FRONTS: tuple[str, ...] = get_args(HttpFront)
 
 
+PORT_MIN, PORT_MAX = 0, 65535
+
+
 class ServerConfig(Base):
     """HTTP limits and addresses."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 1024 * 1024
-    max_events_per_batch: int = 5000
-    history_default_limit: int = 100
+    # Not empty: an empty host would bind every interface (0.0.0.0), never what was meant.
+    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=PORT_MIN, le=PORT_MAX)] = 8000  # 0: any free port
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024 * 1024
+    max_events_per_batch: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    history_default_limit: Annotated[int, msgspec.Meta(ge=1)] = 100  # at most history_max_limit
     # Also how many of a user's logged events a version trained on the log keeps for histories.
-    history_max_limit: int = 5000
+    history_max_limit: Annotated[int, msgspec.Meta(ge=1)] = 5000
     state_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # The HTTP front. uvicorn parses HTTP on the event loop's thread; granian (embedded, same
@@ -190,6 +207,14 @@ class ServerConfig(Base):
     # the end (1M events in-process: apply 4.4 -> 3.3 s).
     gc_off_while_loading: bool = True
 
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError here as a validation error at `$.server`.
+        if self.history_default_limit > self.history_max_limit:
+            raise ValueError(
+                f"server.history_default_limit ({self.history_default_limit}) must not exceed "
+                f"server.history_max_limit ({self.history_max_limit})"
+            )
+
 
 class AccessConfig(Base):
     """API keys, roles and webhook signatures. With no keys configured, access is open."""
@@ -199,18 +224,20 @@ class AccessConfig(Base):
     read_requires_key: bool = False
     # When set, feedback bodies must be signed: HMAC-SHA256 over "<timestamp>.<body>".
     hmac_secret: str = ""
-    hmac_window_s: float = 300.0
+    hmac_window_s: Annotated[float, msgspec.Meta(ge=0.0)] = 300.0
 
 
 class LimitsConfig(Base):
     """Back-pressure: per-key rate limit and a bound on requests in flight."""
 
     # Token bucket per API key (or per client address without one); 0 disables it.
-    rate_per_s: float = 0.0
-    burst: float = 100.0
-    max_identities: int = 100_000
-    max_inflight: int = 1024
-    retry_after_s: int = 1
+    rate_per_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    # Every request costs one token and a bucket never holds more than `burst`: below 1, no
+    # request would ever pass.
+    burst: Annotated[float, msgspec.Meta(ge=1.0)] = 100.0
+    max_identities: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 1024  # 0 would shed every request
+    retry_after_s: Annotated[int, msgspec.Meta(ge=0)] = 1
 
 
 class Config(Base):
@@ -230,16 +257,38 @@ class Config(Base):
 ENV_PREFIX = "SIGNEDREC_"
 
 
+def _is_text(info: msgspec.inspect.Type) -> bool:
+    """Whether a field of this type takes a plain string (str, string literals, optional)."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        kinds = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        return bool(kinds) and all(_is_text(t) for t in kinds)
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return all(isinstance(v, str) for v in info.values)
+    return isinstance(info, msgspec.inspect.StrType)
+
+
+def _text_fields() -> frozenset[tuple[str, str]]:
+    """(section, field) of every config field whose value is a string: env text is taken as is."""
+    out = set()
+    for section in getattr(msgspec.inspect.type_info(Config), "fields", ()):
+        for field in getattr(section.type, "fields", ()):
+            if _is_text(field.type):
+                out.add((section.name, field.name))
+    return frozenset(out)
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Turn ``SIGNEDREC_SECTION__FIELD=value`` variables into a nested dict of raw strings."""
     out: dict[str, dict[str, Any]] = {}
+    text = _text_fields()
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
-        # Tables and lists (e.g. access keys) come as JSON text.
+        # Tables and lists (e.g. access keys) come as JSON text; a string field takes the text
+        # as it is, even one that starts like JSON (an HMAC secret "[abc", say).
         parsed: Any = value
-        if value.startswith(("{", "[")):
+        if value.startswith(("{", "[")) and (section, field) not in text:
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError as exc:
@@ -248,27 +297,47 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, fields in extra.items():
-        merged.setdefault(section, {}).update(fields)
+        table = merged.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{where}: `{section}` must be a table ([{section}]), got "
+                f"{type(table).__name__} {table!r}"
+            )
+        table.update(fields)
     return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; every way it can be unusable is a ConfigError naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")  # TOML is UTF-8 by definition
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from exc
+    except OSError as exc:  # permission denied, an I/O error, ...
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load config from an optional TOML file, then apply env overrides; errors name the field."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from exc
+    raw: dict[str, Any] = {} if path is None else _read_toml(path)
+    where = f"config file {path}" if path else "configuration"
     overrides = _env_overrides(os.environ if env is None else env)
+    merged = _merge(raw, overrides, where)
     try:
         # Env values are strings; strict=False lets msgspec parse "8080" into an int field.
-        return msgspec.convert(_merge(raw, overrides), Config, strict=False)
+        return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
-        where = f"config file {path}" if path else "configuration"
         raise ConfigError(f"{where}: {exc}") from exc

@@ -12,7 +12,14 @@ from pathlib import Path
 import kernels
 from server import rollout
 from server.access import Guard, InFlight, RateLimiter
-from server.artifacts import MANIFEST, list_versions, load_artifact, read_manifest, resolve
+from server.artifacts import (
+    MANIFEST,
+    list_versions,
+    load_artifact,
+    numeric_metrics,
+    read_manifest,
+    resolve,
+)
 from server.batcher import MicroBatcher
 from server.config import Config, ServerConfig
 from server.errors import (
@@ -257,15 +264,15 @@ class Service:
                 manifest = read_manifest(self.root / version)
             except ArtifactError:
                 continue
-            metrics = manifest.get("metrics", {}).get("test") or manifest.get("metrics", {}).get(
-                "valid", {}
-            )
+            tables = manifest.get("metrics")
+            tables = tables if isinstance(tables, dict) else {}
             versions.append(
                 ModelVersion(
                     version=version,
                     active=version == state.item_side.version,
                     created_at=manifest.get("created_at"),
-                    metrics={k: float(v) for k, v in metrics.items()},
+                    # Only numbers: a hand-edited "n/a" must not fail the whole listing.
+                    metrics=numeric_metrics(tables.get("test") or tables.get("valid")),
                 )
             )
         return ModelOut(

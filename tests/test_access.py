@@ -131,6 +131,27 @@ def test_wrong_signature_is_401(headers: dict[str, str]) -> None:
         _signed_guard(FakeClock()).verify_signature(headers, b"body")
 
 
+def test_upper_case_hex_signature_ok() -> None:
+    body = b'{"event_id":"e1"}'
+    headers = _headers("1000", body)
+    upper = {**headers, SIGNATURE_HEADER: headers[SIGNATURE_HEADER].upper()}
+    _signed_guard(FakeClock()).verify_signature(upper, body)
+    prefixed = {**headers, SIGNATURE_HEADER: "SHA256=" + headers[SIGNATURE_HEADER].upper()}
+    _signed_guard(FakeClock()).verify_signature(prefixed, body)
+
+
+@pytest.mark.parametrize(
+    "signature",
+    ["é" * 64, "sha256=" + "ü" * 64, "\u2603", "\udcff" * 64],
+    ids=["latin-1", "prefixed", "snowman", "surrogates"],
+)
+def test_non_ascii_signature_is_401(signature: str) -> None:
+    """Not a TypeError from compare_digest (a 500 over HTTP): a signature that does not match."""
+    headers = {SIGNATURE_HEADER: signature, TIMESTAMP_HEADER: "1000"}
+    with pytest.raises(UnauthenticatedError, match="does not match"):
+        _signed_guard(FakeClock()).verify_signature(headers, b"body")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -317,6 +338,17 @@ def test_http_unsigned_or_badly_signed_is_401(guarded: Server) -> None:
     assert guarded.client.get(f"/v1/users/{user}/history").status_code == 404
 
 
+def test_http_non_ascii_signature_is_401(guarded: Server) -> None:
+    user = f"acc-sig8-{uuid.uuid4().hex}"
+    body = _body(user)
+    headers = {"x-api-key": "k-w", "content-type": "application/json",
+               TIMESTAMP_HEADER: f"{time.time():.3f}", SIGNATURE_HEADER: "\xe9" * 64}  # fmt: skip
+    raw = {name: value.encode("latin-1") for name, value in headers.items()}  # obs-text bytes
+    _assert_error(guarded.client.post("/v1/feedback", content=body, headers=raw), 401,
+                  "unauthenticated")  # fmt: skip
+    assert guarded.client.get(f"/v1/users/{user}/history").status_code == 404
+
+
 def test_http_replay_outside_window_is_401(guarded: Server) -> None:
     user = f"acc-replay-{uuid.uuid4().hex}"
     body = _body(user)
@@ -420,3 +452,13 @@ def test_rate_limiter_forgets_least_recent_identities() -> None:
     with pytest.raises(RateLimitedError):
         limiter.take("c")
     limiter.take("a")  # starts full again
+
+
+def test_rate_limiter_with_a_table_of_zero_identities_still_limits() -> None:
+    """A limiter built with max_identities=0 (the config refuses it) keeps one, not a crash."""
+    clock = FakeClock()
+    limiter = RateLimiter(LimitsConfig(rate_per_s=1.0, burst=1.0, max_identities=0), clock)
+    limiter.take("a")
+    limiter.take("b")
+    with pytest.raises(RateLimitedError):
+        limiter.take("b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from server.cli import main
-from server.config import IndexConfig, load_config
+from server.config import SEGMENT_HEADER_BYTES, IndexConfig, load_config
 from server.errors import ConfigError
+from server.events import HEADER_SIZE
 from server.index import ItemIndex, gpu_count
 from tests.conftest import TinyDataset
 
@@ -80,3 +82,160 @@ def test_versions_of_a_missing_root_is_an_error(
 def test_a_gpu_index_on_a_host_without_one_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"index\.device=gpu"):
         ItemIndex(np.ones((4, 2), np.float32), IndexConfig(kind="flat", device="gpu"))
+
+
+# -- bad files ---------------------------------------------------------------------------------
+def _one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    """The CLI's stderr, which must be exactly one `signedrec CMD: error: ...` line."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"signedrec {command}: error: "), lines
+    return lines[0]
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[server]\nhost = '\xff\xfe'\n")
+    for path, problem in ((tmp_path, "is a directory"), (binary, "not UTF-8 text")):
+        with pytest.raises(ConfigError, match=problem) as caught:
+            load_config(path, env={})
+        assert str(path) in caught.value.message
+        assert main(["serve", "--config", str(path)]) == 2
+        line = _one_error_line(capsys, "serve")
+        assert str(path) in line
+        assert problem in line
+
+
+def test_an_unreadable_config_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 1\n")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 means nothing to root
+    with pytest.raises(ConfigError, match=rf"config file {path} cannot be read: Permission denied"):
+        load_config(path, env={})
+
+
+def test_a_scalar_where_a_section_belongs_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("server = 5\n")
+    for env in ({}, {"SIGNEDREC_SERVER__PORT": "1"}):
+        with pytest.raises(ConfigError, match=r"server") as caught:
+            load_config(path, env=env)
+        assert str(path) in caught.value.message
+
+
+# -- values that would break the server later --------------------------------------------------
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("SIGNEDREC_LIMITS__MAX_IDENTITIES", "0", "limits.max_identities"),
+        ("SIGNEDREC_LIMITS__MAX_INFLIGHT", "0", "limits.max_inflight"),
+        ("SIGNEDREC_LIMITS__BURST", "0.5", "limits.burst"),
+        ("SIGNEDREC_LIMITS__RATE_PER_S", "-1", "limits.rate_per_s"),
+        ("SIGNEDREC_LIMITS__RETRY_AFTER_S", "-1", "limits.retry_after_s"),
+        ("SIGNEDREC_RANKING__MAX_K", "0", "ranking.max_k"),
+        ("SIGNEDREC_RANKING__DEFAULT_K", "0", "ranking.default_k"),
+        ("SIGNEDREC_RANKING__CANDIDATE_MULTIPLIER", "0", "ranking.candidate_multiplier"),
+        ("SIGNEDREC_SERVER__PORT", "99999", "server.port"),
+        ("SIGNEDREC_SERVER__PORT", "-5", "server.port"),
+        ("SIGNEDREC_SERVER__HOST", "", "server.host"),
+        ("SIGNEDREC_SERVER__MAX_BODY_BYTES", "0", "server.max_body_bytes"),
+        ("SIGNEDREC_SERVER__MAX_EVENTS_PER_BATCH", "0", "server.max_events_per_batch"),
+        ("SIGNEDREC_SERVER__HISTORY_MAX_LIMIT", "0", "server.history_max_limit"),
+        ("SIGNEDREC_SERVER__HISTORY_DEFAULT_LIMIT", "0", "server.history_default_limit"),
+        ("SIGNEDREC_LOG__SEGMENT_BYTES", "20", "log.segment_bytes"),
+        ("SIGNEDREC_LOG__REPLAY_BATCH", "0", "log.replay_batch"),
+        ("SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS", "0", "log.snapshot_every_events"),
+        ("SIGNEDREC_INDEX__IVF_NLIST", "0", "index.ivf_nlist"),
+        ("SIGNEDREC_INDEX__HNSW_M", "1", "index.hnsw_m"),
+        ("SIGNEDREC_ACCESS__HMAC_WINDOW_S", "-1", "access.hmac_window_s"),
+        ("SIGNEDREC_MODEL__DIM", "0", "model.dim"),
+        ("SIGNEDREC_MODEL__SEED", "-1", "model.seed"),
+        ("SIGNEDREC_MODEL__PROPENSITY_PRIOR", "0", "model.propensity_prior"),
+    ],
+)
+def test_nonsense_numbers_are_refused_naming_the_field(variable: str, value: str, field: str
+                                                        ) -> None:  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"\$\.{re.escape(field)}`"):
+        load_config(env={variable: value})
+
+
+def test_defaults_must_not_exceed_their_maximum() -> None:
+    with pytest.raises(ConfigError, match=r"ranking\.default_k \(201\) must not exceed ranking"
+                       r"\.max_k \(200\)"):  # fmt: skip
+        load_config(env={"SIGNEDREC_RANKING__DEFAULT_K": "201"})
+    with pytest.raises(ConfigError, match=r"server\.history_default_limit \(100\) must not exceed"):
+        load_config(env={"SIGNEDREC_SERVER__HISTORY_MAX_LIMIT": "50"})
+    config = load_config(env={"SIGNEDREC_RANKING__DEFAULT_K": "5", "SIGNEDREC_RANKING__MAX_K": "5",
+                              "SIGNEDREC_SERVER__PORT": "0"})  # fmt: skip
+    assert (config.ranking.default_k, config.ranking.max_k, config.server.port) == (5, 5, 0)
+
+
+def test_the_segment_bound_is_the_logs_record_header() -> None:
+    assert SEGMENT_HEADER_BYTES == HEADER_SIZE
+    assert load_config(env={"SIGNEDREC_LOG__SEGMENT_BYTES": str(HEADER_SIZE + 1)}).log
+
+
+# -- env text for string fields ----------------------------------------------------------------
+def test_a_string_field_takes_text_that_looks_like_json() -> None:
+    env = {"SIGNEDREC_ACCESS__HMAC_SECRET": "[abc", "SIGNEDREC_SERVER__STATE_DIR": "{dir}"}
+    config = load_config(env=env)
+    assert config.access.hmac_secret == "[abc"
+    assert config.server.state_dir == "{dir}"
+    assert load_config(env={"SIGNEDREC_ACCESS__HMAC_SECRET": '["a"]'}).access.hmac_secret == (
+        '["a"]'
+    )
+    # Tables, lists and structs still come as JSON.
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k1": "admin"}', "SIGNEDREC_MODEL__L2_GRID": "[1, 2]",
+           "SIGNEDREC_MODEL__START": '{"l2": 3}'}  # fmt: skip
+    config = load_config(env=env)
+    assert config.access.keys == {"k1": "admin"}
+    assert config.model.l2_grid == (1.0, 2.0)
+    assert config.model.start.l2 == 3.0
+    with pytest.raises(ConfigError, match="SIGNEDREC_MODEL__L2_GRID: not valid JSON"):
+        load_config(env={"SIGNEDREC_MODEL__L2_GRID": "[1,"})
+
+
+# -- serve's arguments -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "env", "problem"),
+    [
+        (["--port", "99999"], {}, "--port must be between 0 and 65535, got 99999"),
+        (["--port", "-5"], {}, "--port must be between 0 and 65535, got -5"),
+        ([], {"SIGNEDREC_SERVER__PORT": "99999"}, "server.port"),
+        (["--host", ""], {}, "--host must not be empty"),
+        ([], {"SIGNEDREC_SERVER__HOST": ""}, "server.host"),
+    ],
+)
+def test_serve_refuses_a_bad_address_in_one_line(
+    args: list[str],
+    env: dict[str, str],
+    problem: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--state-dir", str(tmp_path / "state"), *args]) == 2
+    assert problem in _one_error_line(capsys, "serve")
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_serve_refuses_a_state_dir_that_cannot_be_a_directory(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    state = tmp_path / where
+    assert main(["serve", "--state-dir", str(state)]) == 2
+    line = _one_error_line(capsys, "serve")
+    assert f"state dir {state}" in line
+    assert "is not a directory" in line

@@ -70,3 +70,19 @@ def test_a_cuda_backend_on_a_host_without_one_is_a_config_error(tmp_path: Path) 
     assert "signedrec serve: error: kernels.backend: kernel backend 'cuda' was requested" in str(
         caught.value
     )
+
+
+def test_a_state_dir_that_is_a_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Not a NotADirectoryError traceback and exit 3: the CLI's refusal, before it listens."""
+    state = tmp_path / "state"
+    state.write_text("a file, not a directory\n")
+    server = ServeProcess(
+        DEFAULT_ARTIFACTS, state, tmp_path / "server.log", {"SIGNEDREC_KERNELS__BACKEND": "cpu"}
+    )
+    with pytest.raises(RuntimeError, match="server exited with 2") as caught:
+        server.wait_ready(timeout_s=120.0)
+    assert f"signedrec serve: error: state dir {state}: exists and is not a directory" in str(
+        caught.value
+    )
+    assert "Traceback" not in server.log_text()
+    assert "listening on" not in server.log_text()

@@ -1,0 +1,106 @@
+"""The CLI's one-line refusals of unusable paths and data, and version listings of odd manifests."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from server.config import load_config
+from server.service import Service
+from tests.conftest import TinyDataset
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    """The last stderr line, which must be the CLI's `signedrec CMD: error: ...`."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"signedrec {command}: error: "), err
+    return line
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_train_refuses_an_out_that_cannot_be_a_directory_before_training(
+    where: str,
+    tiny_dataset: TinyDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+
+    def no_training(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("trained although --out cannot be written")
+
+    monkeypatch.setattr("server.train.train", no_training)
+    out = tmp_path / where
+    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
+                 str(tiny_dataset.threshold), "--out", str(out)])  # fmt: skip
+    assert code == 2
+    line = _one_error_line(capsys, "train")
+    assert f"--out {out}" in line
+    assert "is not a directory" in line
+    assert (tmp_path / "file").read_text() == "not a directory\n"
+
+
+def test_evaluate_with_no_positive_in_the_split_is_one_line(
+    tiny_artifact: Path, tiny_dataset: TinyDataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The tiny dataset's ratings are 1, 2, 4 and 5: none reaches 6.
+    code = main(["evaluate", "--artifact", str(tiny_artifact), "--data", str(tiny_dataset.path),
+                 "--split", "valid", "--threshold", "6"])  # fmt: skip
+    assert code == 2
+    line = _one_error_line(capsys, "evaluate")
+    assert str(tiny_dataset.path / "valid.txt") in line
+    assert "valid split" in line
+    assert ">= 6" in line
+
+
+def _root_with_an_odd_manifest(tiny_artifact: Path, root: Path) -> Path:
+    """v1 as trained; v2 the same arrays with a hand-edited, non-numeric test metric."""
+    for version in ("v1", "v2"):
+        shutil.copytree(tiny_artifact, root / version)
+        manifest = json.loads((root / version / "manifest.json").read_text())
+        manifest["version"] = version
+        if version == "v2":
+            manifest["metrics"]["test"]["ndcg@20"] = "n/a"
+            manifest["metrics"]["test"]["recall@20"] = None
+        (root / version / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_versions_lists_a_non_numeric_metric_as_nan(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root_with_an_odd_manifest(tiny_artifact, tmp_path / "root")
+    assert main(["versions", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["v1", "v2"]
+    assert "ndcg@20(test)=nan" not in lines[0]
+    assert "ndcg@20(test)=nan" in lines[1]
+
+
+def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: Path) -> None:
+    """What GET /v1/model answers: every version, with only its numeric metrics."""
+    root = _root_with_an_odd_manifest(tiny_artifact, tmp_path / "root")
+    service = Service(root, tmp_path / "state", load_config(env={"SIGNEDREC_KERNELS__BACKEND":
+                                                                 "cpu"}))  # fmt: skip
+    service.state = service.load()
+    try:
+        described = service.describe()
+    finally:
+        if service.state.log is not None:
+            service.state.log.close_sync()
+    assert described.active == "v2"
+    by_version = {v.version: v.metrics for v in described.versions}
+    assert set(by_version) == {"v1", "v2"}
+    assert "ndcg@20" in by_version["v1"]
+    assert "ndcg@20" not in by_version["v2"]
+    assert "recall@20" not in by_version["v2"]
+    assert by_version["v2"]["precision@20"] == by_version["v1"]["precision@20"]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in by_version["v2"].values())
