@@ -539,6 +539,11 @@ def enospc(_fd: int) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def dir_enospc(_directory: Path) -> None:
+    """A directory fsync that always fails with ENOSPC (a segment's creation)."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_failed_fsync_leaves_no_record_and_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -645,9 +650,6 @@ def test_failed_rotation_retries_same_segment(
     """A failed segment creation leaves an empty segment that reopen and appends accept."""
     directory = tmp_path / "log"
 
-    def dir_enospc(_directory: Path) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     log, _ = EventLog.open(directory, TINY)
     try:
         log.append_sync([event(0)])
@@ -684,9 +686,6 @@ def test_a_failed_rotation_is_retried_by_the_next_batch_even_a_small_one(
     """A big batch's rotation fails; the next, smaller batch would fit the old segment but must
     go to the new one, or the leftover file would overlap it and the log would not reopen."""
     directory = tmp_path / "log"
-
-    def dir_enospc(_directory: Path) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     log, _ = EventLog.open(directory, TINY)
     try:
