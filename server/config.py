@@ -70,14 +70,27 @@ class ModelConfig(Base):
     propensity_prior: Annotated[float, msgspec.Meta(gt=0.0)] = 16.0
 
 
+# An event's strength is relative to a like's (1): finite, and of the sign of its kind. A wrong
+# sign would turn a dislike into a like (recommendable again), 0 would keep the pair excluded
+# online while training drops it, NaN or inf would poison the user's vector.
+MAX_EVENT_WEIGHT = 1000.0
+Liking = Annotated[float, msgspec.Meta(gt=0.0, le=MAX_EVENT_WEIGHT)]
+Disliking = Annotated[float, msgspec.Meta(ge=-MAX_EVENT_WEIGHT, lt=0.0)]
+
+
 class EventWeights(Base):
     """How a feedback kind maps to a signed weight in the user's fold-in."""
 
-    like: float = 1.0
-    dislike: float = -1.0
-    skip: float = -0.25
-    rating_positive: float = 1.0
-    rating_negative: float = -1.0
+    like: Liking = 1.0
+    dislike: Disliking = -1.0
+    skip: Disliking = -0.25
+    rating_positive: Liking = 1.0
+    rating_negative: Disliking = -1.0
+
+
+# Ranking's penalty weights are in units of the user's best candidate's score (1): beyond this
+# a penalty alone decides the order. The bound also keeps out inf, which fails every request.
+MAX_RANKING_WEIGHT = 1000.0
 
 
 class RankingConfig(Base):
@@ -91,9 +104,9 @@ class RankingConfig(Base):
     # to its own length in a second search for that user alone.
     exclusion_pad: Annotated[int, msgspec.Meta(ge=0)] = 64
     # None: use the strength validated at training time and stored in the artifact.
-    suppression_gamma: float | None = None
+    suppression_gamma: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RANKING_WEIGHT)] | None = None
     # None: use the dislike-propensity weight validated at training time (0 for older artifacts).
-    propensity_beta: float | None = None
+    propensity_beta: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RANKING_WEIGHT)] | None = None
     # How many of the user's latest dislikes the look-alike suppression looks at (0: none).
     suppression_recent: Annotated[int, msgspec.Meta(ge=0)] = 50
     exclude_seen: bool = True

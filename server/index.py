@@ -63,6 +63,9 @@ class ItemIndex:
         self.size, self.dim = vectors.shape
         self.kind = config.kind
         cpu_index = self._build_cpu(vectors, config)
+        # IVF probes a few lists and HNSW walks a graph: a deep search can come back short (-1
+        # ids). Those rows are searched again exactly on these vectors (kept by reference).
+        self._exact = vectors if isinstance(cpu_index, faiss.IndexIVF | faiss.IndexHNSW) else None
         self.device = "cpu"
         self._gpu_resources = None
         self._cpu_index = cpu_index
@@ -106,4 +109,18 @@ class ItemIndex:
         k = max(1, min(k, self.size))
         index = self._index if k <= self._max_k else self._cpu_index
         scores, ids = index.search(queries, k)
+        if self._exact is not None:
+            short = np.flatnonzero(ids[:, -1] < 0)  # k <= size: an exact search fills every row
+            if short.size:
+                scores[short], ids[short] = exact_top_k(self._exact, queries[short], k)
         return scores, ids
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of each query over every vector, best first (like FAISS's)."""
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return (np.take_along_axis(top_scores, order, axis=1).astype(np.float32),
+            np.take_along_axis(top, order, axis=1).astype(np.int64))  # fmt: skip

@@ -812,6 +812,17 @@ class LiveState:
                 known.append(user)
                 positions.append(position)
         if known:
+            # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0)
+            # scores every item 0: FAISS would answer in id order. Popularity is the answer.
+            zero = np.flatnonzero(~self.vectors[np.asarray(known)].any(axis=1))
+            for row in zero.tolist():
+                position = positions[row]
+                out[position] = self.popular(k, user_ids[position], include_liked)
+            if zero.size:
+                keep_rows = np.setdiff1d(np.arange(len(known)), zero).tolist()
+                known = [known[row] for row in keep_rows]
+                positions = [positions[row] for row in keep_rows]
+        if known:
             side = self.item_side
             excluded: list[np.ndarray] = []
             disliked: list[np.ndarray] = []

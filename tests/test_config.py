@@ -159,6 +159,15 @@ def test_a_scalar_where_a_section_belongs_is_a_config_error(tmp_path: Path) -> N
         ("SIGNEDREC_MODEL__DIM", "0", "model.dim"),
         ("SIGNEDREC_MODEL__SEED", "-1", "model.seed"),
         ("SIGNEDREC_MODEL__PROPENSITY_PRIOR", "0", "model.propensity_prior"),
+        ("SIGNEDREC_RANKING__SUPPRESSION_GAMMA", "inf", "ranking.suppression_gamma"),
+        ("SIGNEDREC_RANKING__SUPPRESSION_GAMMA", "-0.5", "ranking.suppression_gamma"),
+        ("SIGNEDREC_RANKING__PROPENSITY_BETA", "nan", "ranking.propensity_beta"),
+        ("SIGNEDREC_EVENTS__LIKE", "nan", "events.like"),
+        ("SIGNEDREC_EVENTS__LIKE", "-1", "events.like"),
+        ("SIGNEDREC_EVENTS__DISLIKE", "0.5", "events.dislike"),
+        ("SIGNEDREC_EVENTS__SKIP", "0", "events.skip"),
+        ("SIGNEDREC_EVENTS__RATING_NEGATIVE", "-inf", "events.rating_negative"),
+        ("SIGNEDREC_EVENTS__RATING_POSITIVE", "0", "events.rating_positive"),
     ],
 )
 def test_nonsense_numbers_are_refused_naming_the_field(variable: str, value: str, field: str

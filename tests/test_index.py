@@ -39,6 +39,34 @@ def test_flat_search_is_exact(n: int, dim: int, queries: int, k: int, seed: int)
     np.testing.assert_allclose(np.take_along_axis(expected, ids, 1), scores, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        IndexConfig(kind="ivf", device="cpu", ivf_nlist=8, ivf_nprobe=1),
+        IndexConfig(kind="hnsw", device="cpu", hnsw_m=4, hnsw_ef_search=8),
+    ],
+    ids=["ivf", "hnsw"],
+)
+def test_an_approximate_index_never_answers_short(config: IndexConfig) -> None:
+    """IVF probing one list of eight, or a narrow HNSW, cannot reach a deep k: those rows come
+    back from an exact search, full and best first, never with -1 ids (ranking would drop
+    them and answer fewer items than the catalogue has)."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((400, 16)).astype(np.float32)
+    q = rng.standard_normal((12, 16)).astype(np.float32)
+    index = ItemIndex(vectors, config)
+    for k in (10, 300, 400):
+        scores, ids = index.search(q, k)
+        assert (ids >= 0).all()
+        assert all(len(set(row)) == k for row in ids.tolist())
+        assert (np.diff(scores, axis=1) <= 1e-6).all()
+        np.testing.assert_allclose(np.take_along_axis(q @ vectors.T, ids, 1), scores, rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+    full_scores, _ = index.search(q, 400)  # every item: the exact answer
+    np.testing.assert_allclose(full_scores, -np.sort(-(q @ vectors.T), axis=1), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+
+
 def _in_new_thread() -> int:
     seen: list[int] = []
     other = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))

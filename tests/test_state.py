@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from server import snapshot
 from server.artifacts import Artifact, load_artifact, save_artifact
-from server.config import load_config
+from server.config import Hyper, load_config
 from server.events import EventRecord, NewEvent
 from server.state import ItemSide, LiveState
-from tests.conftest import N_USERS
+from server.train import train
+from tests.conftest import (
+    N_USERS,
+    THRESHOLD,
+    TINY_MODEL,
+    TinyDataset,
+    known_training_warnings_ignored,
+)
 
 
 @pytest.fixture
@@ -143,6 +152,39 @@ def test_a_failure_after_the_log_opened_releases_it(
     again = LiveState(tiny_artifact, tmp_path / "state", config)
     assert again.open_log().records == 0
     asyncio.run(again.close())
+
+
+@pytest.fixture(scope="module")
+def dislikes_ignored_artifact(
+    tiny_dataset: TinyDataset, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model with dislikes weighing 0 in the user vector (the grid allows it)."""
+    config = msgspec.structs.replace(TINY_MODEL, neg_input_grid=(0.0,), start=Hyper(neg_weight=0.0))
+    with known_training_warnings_ignored():
+        return train(tiny_dataset.path, THRESHOLD, tmp_path_factory.mktemp("neg0"), config,
+                     out=io.StringIO())  # fmt: skip
+
+
+def test_a_user_whose_vector_is_zero_gets_the_popularity_list(
+    dislikes_ignored_artifact: Path, tmp_path: Path
+) -> None:
+    """A new user whose only feedback is a dislike, under a model that gives dislikes no weight:
+    every score would be 0 and FAISS would answer in item-id order. The answer is the popularity
+    list, flagged as a fallback, still without the disliked item."""
+    live = LiveState(dislikes_ignored_artifact, tmp_path / "state", load_config(env={}))
+    live.open_log()
+    assert live.item_side.neg_weight == 0.0
+    top = live.popular(5).items[0]
+    event = NewEvent(event_id="d", user_id="newbie", item_id=top, kind="dislike", ts=0.0)
+    live.apply(live.log.append_sync([event]))  # type: ignore[union-attr]
+    assert not live.vectors[live.users.get("newbie")].any()
+    for include_liked in (False, True):
+        got = live.recommend_many(["newbie", "0"], 5, include_liked)
+        assert got[0].fallback
+        assert got[0].items == live.popular(5, "newbie", include_liked).items
+        assert top not in got[0].items
+        assert not got[1].fallback  # a trained user in the same batch is ranked as before
+    asyncio.run(live.close())
 
 
 def test_a_swap_on_the_same_graph_keeps_its_snapshot_usable(
