@@ -63,8 +63,9 @@ class MostPopular:
         return np.broadcast_to(self.counts, (len(users), len(self.counts))).astype(np.float32)
 
 
-def fit_most_popular(dataset: Dataset, out: TextIO = sys.stderr) -> MostPopular:
+def fit_most_popular(dataset: Dataset, out: TextIO | None = None) -> MostPopular:
     """Count positive train interactions per item (latest sign per user-item pair)."""
+    out = sys.stderr if out is None else out  # the stream at call time, not import
     pos, _ = _train_graph(dataset).item_degrees()
     model = MostPopular(pos.astype(np.float32))
     valid = evaluate_scores(model.scores, _valid_truth(dataset), _masked(dataset))
@@ -101,9 +102,10 @@ def fit_ease(
     dataset: Dataset,
     lambdas: Sequence[float] = EASE_LAMBDAS,
     neg_weights: Sequence[float] = EASE_NEG_WEIGHTS,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> Ease:
     """Grid-search (neg weight, L2) on valid NDCG@20; return the best fit on train."""
+    out = sys.stderr if out is None else out  # the stream at call time, not import
     _threads()
     graph = _train_graph(dataset)
     truth, masked = _valid_truth(dataset), _masked(dataset)
@@ -296,12 +298,13 @@ def fit_lightgcn(
     eval_every: int = 5,
     patience: int = 5,
     seed: int = 0,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> LightGCNModel:
     """BPR-trained LightGCN; each lr runs with early stopping on valid NDCG@20 within the caps.
 
     ``max_seconds`` bounds the whole fit: each learning rate gets an equal share of what is left.
     """
+    out = sys.stderr if out is None else out  # the stream at call time, not import
     threads = _threads()
     graph = _train_graph(dataset)
     truth, masked = _valid_truth(dataset), _masked(dataset)

@@ -93,6 +93,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ):
         # Trained on this data plus a server's log: users as the model knows them, and split
         # rows that the log holds are train input, not held out (as when it was trained).
+        # Rows past the dataset's users there are users the log created: a split naming such
+        # an id (a test file added since) would be scored with another user's feedback.
+        trained_users = int(artifact.manifest["dataset"].get("n_users", dataset.n_users))
+        if dataset.n_users > trained_users:
+            raise SignedrecError(
+                f"{args.data}: user ids up to {dataset.n_users - 1}, but the data this artifact "
+                f"was trained on had {trained_users} users (later ids are users its log "
+                "created): evaluate it on the data it was trained on"
+            )
         graph = artifact.trained_graph()
         masked = interaction_matrix(*graph.edges()[:2], graph.n_users, n_items)
         split, inside = held_out(split, masked)

@@ -18,15 +18,24 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
     """Shared flags for every config and wire struct: unknown fields are errors, not silence."""
 
 
+# Model hyper-parameters and training weights must be finite (NaN fails the solvers, inf the
+# grids' comparisons); the bound is far beyond any useful value.
+MAX_MODEL_WEIGHT = 1e6
+Weight = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_MODEL_WEIGHT)]
+Ridge = Annotated[float, msgspec.Meta(gt=0.0, le=MAX_MODEL_WEIGHT)]
+Dropout = Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)]  # 1 would drop every input
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
 class Hyper(Base):
     """One point of the model's hyper-parameter space (the search's start, or a manifest's)."""
 
-    neg_weight: float = 0.5
-    l2: float = 4.0  # relative to the mean item degree of the signed input
-    dropout: float = 0.25
+    neg_weight: Weight = 0.5
+    l2: Ridge = 4.0  # relative to the mean item degree of the signed input
+    dropout: Dropout = 0.25
     gf_rank: Annotated[int, msgspec.Meta(ge=1)] = 64
-    gf_ideal: float = 1.0
-    gf_mix: float = 1.0
+    gf_ideal: Weight = 1.0
+    gf_mix: Weight = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for the manifest and progress lines."""
@@ -42,21 +51,21 @@ class ModelConfig(Base):
     # Starting point and grids of the coordinate search, identical for every dataset. The ridge
     # penalty is relative to the mean item degree, so one grid fits catalogues of any density.
     start: Hyper = Hyper()
-    l2_grid: tuple[float, ...] = (2.0, 8.0, 16.0, 32.0, 1.0)
-    dropout_grid: tuple[float, ...] = (0.0, 0.5)
-    neg_input_grid: tuple[float, ...] = (0.25, 1.0, 0.0)
-    gf_mix_grid: tuple[float, ...] = (1.0, 2.0, 0.5, 4.0)
+    l2_grid: tuple[Ridge, ...] = (2.0, 8.0, 16.0, 32.0, 1.0)
+    dropout_grid: tuple[Dropout, ...] = (0.0, 0.5)
+    neg_input_grid: tuple[Weight, ...] = (0.25, 1.0, 0.0)
+    gf_mix_grid: tuple[Weight, ...] = (1.0, 2.0, 0.5, 4.0)
     gf_rank_grid: tuple[Annotated[int, msgspec.Meta(ge=1)], ...] = (32, 128, 256)
-    gf_ideal_grid: tuple[float, ...] = (0.5, 2.0)
+    gf_ideal_grid: tuple[Weight, ...] = (0.5, 2.0)
     # Stop searching one axis after this many trials in a row without improvement.
     patience: Annotated[int, msgspec.Meta(ge=1)] = 2
     # Dislike suppression strength: the largest of the grid whose valid NDCG@20 stays within
     # this relative tolerance of no suppression is stored in the artifact for serving.
-    suppression_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-    suppression_tolerance: float = 0.01
+    suppression_grid: tuple[Weight, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+    suppression_tolerance: Share = 0.01
     # ... unless look-alikes of a fresh dislike would not sink: gamma is raised until most
     # (this share) of a fresh dislike's nearest items drop in rank (sampled valid dislikes).
-    suppression_sink_rate: float = 0.5
+    suppression_sink_rate: Share = 0.5
     suppression_lookalikes: Annotated[int, msgspec.Meta(ge=1)] = 5
     suppression_sample: Annotated[int, msgspec.Meta(ge=1)] = 500
     # Dislike propensity (server/propensity.py): ranking subtracts beta x P(user dislikes item);
@@ -64,8 +73,8 @@ class ModelConfig(Base):
     # the chosen suppression) is stored in the artifact. `prior` smooths user and item rates.
     # Tolerance 0: only as much dislike avoidance as costs no valid NDCG (at 1% the served lists
     # fell below the static model in benchmarks.online, amazon-music 0.992x).
-    propensity_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
-    propensity_tolerance: float = 0.0
+    propensity_grid: tuple[Weight, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
+    propensity_tolerance: Share = 0.0
     # Must be > 0: an item or user with no signed feedback would get rate 0/0 (NaN scores).
     propensity_prior: Annotated[float, msgspec.Meta(gt=0.0)] = 16.0
 

@@ -13,6 +13,11 @@ import numpy as np
 from server.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+# Ids are dense (0..n-1): the model holds n_items x n_items and per-user arrays, so an id far
+# beyond the ones in use (a typo, an unmapped raw id) would ask for memory nobody has. Refused
+# when the id range exceeds this many times the distinct ids, plus a slack for small datasets.
+ID_RANGE_FACTOR = 2
+ID_RANGE_SLACK = 1000
 # Ratings are stored as float32; a larger magnitude would silently become inf.
 FLOAT32_MAX: float = float(np.finfo(np.float32).max)
 
@@ -102,11 +107,13 @@ def read_interactions(path: Path) -> Interactions:
     """Read one ``user item rating`` file; any malformed line raises DataError naming it."""
     name = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not data
     except FileNotFoundError:
         raise DataError(name, None, "file does not exist") from None
     except UnicodeDecodeError as exc:
         raise DataError(name, None, f"not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise DataError(name, None, f"cannot be read: {exc.strerror or exc}") from None
     lines = text.split("\n")  # read_text already turned \r\n and \r into \n
     if not any(line.strip() for line in lines):
         raise DataError(name, None, "file is empty")
@@ -139,8 +146,37 @@ def fingerprint_files(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(Path(path).name.encode())
-        digest.update(Path(path).read_bytes())
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError as exc:
+            raise DataError(str(path), None, f"cannot be read: {exc.strerror or exc}") from None
     return digest.hexdigest()
+
+
+def _check_dense(paths: Sequence[Path], parts: Sequence[Interactions]) -> None:
+    """Refuse ids so sparse that the dense model arrays could not be built (see ID_RANGE_*)."""
+    for kind, column in (("user", 0), ("item", 1)):
+        ids = [p.users if column == 0 else p.items for p in parts]
+        largest = max(int(c.max()) for c in ids)
+        distinct = int(np.unique(np.concatenate(ids)).size)
+        if largest + 1 <= ID_RANGE_FACTOR * distinct + ID_RANGE_SLACK:
+            continue
+        where = next(i for i, c in enumerate(ids) if int(c.max()) == largest)
+        raise DataError(
+            str(paths[where]), _line_of(paths[where], column, largest),
+            f"{kind} id {largest} but only {distinct} distinct {kind} ids in use: ids must be "
+            f"dense (0..n-1), renumber them",
+        )  # fmt: skip
+
+
+def _line_of(path: Path, column: int, value: int) -> int | None:
+    """The first line whose ``column`` field is ``value`` (to name it in an error)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.split("\n"), start=1):
+        fields = line.split()
+        if len(fields) > column and fields[column].lstrip("+").split(".")[0] == str(value):
+            return number
+    return None
 
 
 def load_dataset(directory: Path, threshold: float, require_test: bool = False) -> Dataset:
@@ -159,6 +195,7 @@ def load_dataset(directory: Path, threshold: float, require_test: bool = False) 
     test_path = directory / "test.txt"
     test = read_interactions(test_path) if test_path.is_file() else None
     parts = [train, valid] + ([test] if test is not None else [])
+    _check_dense([directory / f"{s}.txt" for s in SPLITS[: len(parts)]], parts)
     n_users = int(max(int(p.users.max()) for p in parts)) + 1
     n_items = int(max(int(p.items.max()) for p in parts)) + 1
     files = [directory / f"{s}.txt" for s in SPLITS[:2]]

@@ -62,13 +62,14 @@ def log_directory(path: Path) -> Path:
 
 def read_feedback(
     path: Path, users: IdMap, items: IdMap, weights: EventWeights, threshold: float,
-    out: TextIO = sys.stderr, after_seq: int = 0, after_event_id: str | None = None,
+    out: TextIO | None = None, after_seq: int = 0, after_event_id: str | None = None,
     catalogue: str | None = None,
 ) -> LogFeedback:  # fmt: skip
     """The complete events of a log after ``after_seq`` (a base version's watermark, whose event
     there must be ``after_event_id``) as training feedback. An item outside the catalogue, a state
     dir marked for another ``catalogue`` (fingerprint of the items' ids), or a log that lacks
     events the model needs, is refused naming the log and the seq."""
+    out = sys.stderr if out is None else out  # the stream at call time, not import
     directory = log_directory(path)
 
     def refuse(problem: str) -> DataError:

@@ -142,6 +142,8 @@ def _fresh_dislikes(
     valid = dataset.valid
     negative = ~valid.positive(dataset.threshold)
     users, items = valid.users[negative], valid.items[negative]
+    if users.size == 0:  # a valid split without dislikes (sparse indexing by [] is no array)
+        return users.astype(np.int64), items.astype(np.int64)
     pos, neg = graph.matrices()
     seen = np.asarray((pos + neg)[users, items]).ravel() != 0
     users, items = users[~seen], items[~seen]
@@ -474,7 +476,7 @@ def train(
     threshold: float,
     out_dir: Path,
     config: ModelConfig,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
     fixed: Hyper | None = None,
     events: Path | None = None,
     weights: EventWeights | None = None,
@@ -493,6 +495,7 @@ def train(
     reads only the events after its watermark, so the log's older segments may be gone. The
     version keeps each user's ``history_cap`` most recent logged events for their history.
     """
+    out = sys.stderr if out is None else out  # the stream at call time, not import
     started = time.perf_counter()
     pin_malloc_threshold()
     threads = set_threads()
@@ -522,6 +525,10 @@ def train(
                             "every valid row is in the logged feedback, so nothing is left to "
                             "select on: refit with --hyper-from a served version")  # fmt: skip
     valid_truth = ground_truth(valid, threshold, graph.n_users, dataset.n_items)
+    if len(valid_truth.users) == 0 and (fixed is None or fixed_ranking is None):
+        raise DataError(str(Path(data_dir) / "valid.txt"), None,
+                        f"no user has a positive (rating >= {threshold:g}) to select on; is "
+                        f"--threshold {threshold:g} right?")  # fmt: skip
     # The search's n x n caches live only inside fit(), freed before the served factors are used.
     best, trials, item_table, item_vectors, z = fit(graph, valid_truth, masked, config, out, fixed)
 

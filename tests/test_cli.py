@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from server.artifacts import list_versions
 from server.cli import main
 from server.config import load_config
 from server.service import Service
-from tests.conftest import TinyDataset
+from tests.conftest import (
+    THRESHOLD,
+    TINY_MODEL_TOML,
+    TinyDataset,
+    format_rows,
+    known_training_warnings_ignored,
+    synthetic_rows,
+)
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
@@ -104,3 +113,32 @@ def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: 
     assert "recall@20" not in by_version["v2"]
     assert by_version["v2"]["precision@20"] == by_version["v1"]["precision@20"]
     assert all(isinstance(v, float) and math.isfinite(v) for v in by_version["v2"].values())
+
+
+@pytest.mark.parametrize("keep", ["positives", "negatives"])
+def test_train_on_a_valid_split_of_one_sign(
+    keep: str,
+    dataset_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A valid split without dislikes still trains (nothing to sink look-alikes of); one
+    without likes has nothing to select on: one line naming it, exit 2, nothing written."""
+    rows = synthetic_rows()["valid"]
+    sign = (lambda r: r >= THRESHOLD) if keep == "positives" else (lambda r: r < THRESHOLD)
+    directory = dataset_factory(valid=format_rows([row for row in rows if sign(row[2])]))
+    config = tmp_path / "model.toml"
+    config.write_text(TINY_MODEL_TOML)
+    out = tmp_path / "out"
+    with known_training_warnings_ignored():
+        code = main(["train", "--data", str(directory), "--threshold", str(THRESHOLD),
+                     "--out", str(out), "--config", str(config)])  # fmt: skip
+    if keep == "positives":
+        assert code == 0
+        assert len(list_versions(out)) == 1
+        return
+    assert code == 2
+    line = _one_error_line(capsys, "train")
+    assert str(directory / "valid.txt") in line
+    assert "no user has a positive" in line
+    assert not out.exists() or not any(out.iterdir())

@@ -7,11 +7,12 @@ import re
 import shutil
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from server.cli import main
-from server.config import SEGMENT_HEADER_BYTES, IndexConfig, load_config
+from server.config import SEGMENT_HEADER_BYTES, Hyper, IndexConfig, load_config
 from server.errors import ConfigError
 from server.events import HEADER_SIZE
 from server.index import ItemIndex, gpu_count
@@ -248,3 +249,32 @@ def test_serve_refuses_a_state_dir_that_cannot_be_a_directory(
     line = _one_error_line(capsys, "serve")
     assert f"state dir {state}" in line
     assert "is not a directory" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "where"),
+    [
+        ("SIGNEDREC_MODEL__DROPOUT_GRID", "[0.5, 1.0]", "model.dropout_grid[1]"),
+        ("SIGNEDREC_MODEL__L2_GRID", "[-1]", "model.l2_grid[0]"),
+        ("SIGNEDREC_MODEL__SUPPRESSION_GRID", "[-0.5]", "model.suppression_grid[0]"),
+        ("SIGNEDREC_MODEL__SUPPRESSION_TOLERANCE", "nan", "model.suppression_tolerance"),
+        ("SIGNEDREC_MODEL__PROPENSITY_TOLERANCE", "2", "model.propensity_tolerance"),
+        ("SIGNEDREC_MODEL__START", '{"dropout": 1.0}', "model.start.dropout"),
+    ],
+)
+def test_model_search_values_that_break_training_are_refused(
+    variable: str, value: str, where: str
+) -> None:
+    """A dropout of 1 divides by zero, a NaN tolerance leaves no admissible strength, a negative
+    ridge or grid value trains nonsense: refused at load, naming the place."""
+    with pytest.raises(ConfigError, match=re.escape(f"$.{where}`")):
+        load_config(env={variable: value})
+
+
+def test_a_manifests_hyper_parameters_are_held_to_the_same_bounds() -> None:
+    """``train --hyper-from`` converts a manifest's hyper-parameters into Hyper: a dropout of 1
+    or a NaN weight is refused there (the CLI turns it into a one-line artifact error)."""
+    with pytest.raises(msgspec.ValidationError, match="dropout"):
+        msgspec.convert({"dropout": 1.0}, Hyper, strict=False)
+    with pytest.raises(msgspec.ValidationError, match="neg_weight"):
+        msgspec.convert({"neg_weight": float("nan")}, Hyper, strict=False)

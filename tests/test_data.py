@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from server.data import IdMap, load_dataset, read_interactions
 from server.errors import DataError
+from tests.conftest import format_rows, synthetic_rows
 
 if TYPE_CHECKING:
     from conftest import TinyDataset
@@ -208,6 +209,43 @@ def test_missing_and_undecodable_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a UTF-8 text file") as caught:
         read_interactions(binary)
     assert caught.value.detail["file"] == str(binary)
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path: Path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf0 1 5\n2 3 1\n")
+    rows = read_interactions(path)
+    assert (rows.users.tolist(), rows.items.tolist()) == ([0, 2], [1, 3])
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A permission or I/O error reading a split is a DataError naming it, not a traceback
+    (the tests run as root, so the error is injected)."""
+    path = tmp_path / "train.txt"
+    path.write_text("0 0 5\n")
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(DataError, match="cannot be read: Permission denied") as caught:
+        read_interactions(path)
+    assert caught.value.detail["file"] == str(path)
+
+
+@pytest.mark.parametrize("column", ["user", "item"])
+def test_an_id_far_beyond_the_ids_in_use_is_refused_by_line(
+    dataset_factory: Callable[..., Path], column: str
+) -> None:
+    """Ids are dense: one of 2,000,000 among a few dozen would make the model allocate
+    terabytes. The error names the file and line of the largest id."""
+    rows = synthetic_rows()["train"]
+    row = "0 2000000 5" if column == "item" else "2000000 0 5"
+    directory = dataset_factory(train=format_rows(rows) + row + "\n")
+    with pytest.raises(DataError, match=f"{column} id 2000000 but only") as caught:
+        load_dataset(directory, THRESHOLD)
+    assert caught.value.detail["file"] == str(directory / "train.txt")
+    assert caught.value.detail["line"] == len(rows) + 1
 
 
 # -- datasets ----------------------------------------------------------------------------------

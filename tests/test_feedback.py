@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -270,6 +271,26 @@ def retrained(
     _post(live, ONLINE)
     asyncio.run(live.close())
     return live, _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root")
+
+
+def test_evaluating_a_log_version_on_a_split_with_users_its_log_created_is_refused(
+    retrained: tuple[LiveState, Path],
+    tiny_dataset: TinyDataset,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The version's user rows past the dataset's are the log's users ("new" here): a test file
+    added since that names id N_USERS would be scored with their feedback. One line, exit 2."""
+    _, artifact = retrained
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset.path, data)
+    with (data / "test.txt").open("a") as handle:
+        handle.write(f"{N_USERS} 3 5\n")
+    code = main(["evaluate", "--artifact", str(artifact), "--data", str(data), "--json"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("signedrec evaluate: error: ")
+    assert f"user ids up to {N_USERS}" in err
 
 
 def test_a_model_trained_on_the_log_holds_the_live_graph(
