@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import math
 import os
+import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 
 from server.durable import fsync_dir
@@ -56,6 +61,104 @@ HISTORY_ARRAYS: dict[str, str] = {
 }
 # The arrays that make up the users and trained signed graph a live state is built on.
 GRAPH_FILES = ("user_ids", "pos_indptr", "pos_items", "neg_indptr", "neg_items")
+
+
+def _finite(owner: msgspec.Struct, *names: str) -> None:
+    """Refuse NaN or infinite numbers in a manifest table (JSON from Python can hold them)."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is not msgspec.UNSET and not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number")
+
+
+# The manifest fields the code reads, with their types: ``read_manifest`` refuses a manifest
+# that lacks a required one or holds a wrong type, so nothing fails on it later. Fields every
+# schema (1-3) writes are required; an ``_Unset`` one may be absent (older artifacts, or only
+# written sometimes) but not null or mistyped. Only checked: callers keep reading the dict.
+# Unknown fields are allowed, and so is anything in ``metrics`` (read leniently, see
+# ``numeric_metrics``).
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+_NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _FileEntry(msgspec.Struct):
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    shape: list[Annotated[int, msgspec.Meta(ge=0)]]
+    dtype: str
+
+
+class _ModelEntry(msgspec.Struct):
+    neg_weight: _NonNegative
+    dim: Annotated[int, msgspec.Meta(ge=1)] | _Unset = _UNSET
+    hyper: dict[str, Any] | _Unset = _UNSET  # checked as hyper-parameters where used
+
+    def __post_init__(self) -> None:
+        _finite(self, "neg_weight")
+
+
+class _DatasetEntry(msgspec.Struct):
+    threshold: float
+    fingerprint: str | _Unset = _UNSET
+    n_users: Annotated[int, msgspec.Meta(ge=0)] | _Unset = _UNSET
+    n_items: Annotated[int, msgspec.Meta(ge=0)] | _Unset = _UNSET
+
+    def __post_init__(self) -> None:
+        _finite(self, "threshold")
+
+
+class _RankingEntry(msgspec.Struct):
+    suppression_gamma: _NonNegative
+    propensity_beta: _NonNegative | _Unset = _UNSET  # older artifacts: none
+    propensity_prior: Annotated[float, msgspec.Meta(gt=0)] | _Unset = _UNSET
+
+    def __post_init__(self) -> None:
+        _finite(self, "suppression_gamma", "propensity_beta", "propensity_prior")
+
+
+class _LogEntry(msgspec.Struct):
+    last_event_id: str | _Unset | None = _UNSET
+
+
+class _Manifest(msgspec.Struct):
+    version: str
+    files: dict[str, Any]  # each entry is checked on its own, so an error names the file
+    model: _ModelEntry
+    dataset: _DatasetEntry
+    ranking: _RankingEntry
+    watermark: Annotated[int, msgspec.Meta(ge=0)] | _Unset = _UNSET
+    created_at: str | _Unset = _UNSET
+    log: _LogEntry | _Unset = _UNSET
+
+
+def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Raise ArtifactError naming the first manifest field that is missing or mistyped."""
+    checks: list[tuple[str, object, type]] = [("", manifest, _Manifest)]
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        checks += [(f"files[{name!r}]", entry, _FileEntry) for name, entry in files.items()]
+    for prefix, value, kind in checks:
+        try:
+            msgspec.convert(value, kind, strict=True)
+        except msgspec.ValidationError as exc:
+            field, problem = _field_problem(str(exc))
+            field = ".".join(p for p in (prefix, field) if p) or "(the whole object)"
+            raise ArtifactError(f"{manifest_path}: manifest field {field} {problem}") from None
+
+
+def _field_problem(message: str) -> tuple[str, str]:
+    """A msgspec validation message as (dotted field, "" at the top, and the problem)."""
+    problem, _, where = message.rpartition(" - at `$")
+    if not problem:  # no location: the top level itself
+        problem, where = message, "`"
+    field = where.rstrip("`").lstrip(".")
+    missing = re.fullmatch(r"Object missing required field `(.+)`", problem)
+    if missing:
+        return ".".join(p for p in (field, missing[1]) if p), "is missing"
+    named = re.fullmatch(r"`(\w+)` (.+)", problem)  # from a __post_init__ check
+    if named:
+        return ".".join(p for p in (field, named[1]) if p), f"is invalid: {named[2]}"
+    return field, f"is invalid: {problem[0].lower()}{problem[1:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,38 +246,115 @@ def save_artifact(
     if missing:
         raise ArtifactError(f"artifact is missing arrays {missing}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    chosen = version is not None
     version = version or new_version()
-    final = root / version
-    if final.exists():
-        raise ArtifactError(f"artifact version {final} already exists")
-    tmp = root / f".{version}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files: dict[str, Any] = {}
-    for name, array in arrays.items():
-        path = tmp / f"{name}.npy"
-        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-        files[f"{name}.npy"] = {
-            "sha256": _sha256(path),
-            "shape": list(array.shape),
-            "dtype": str(array.dtype),
+    if chosen and (root / version).exists():
+        raise ArtifactError(f"artifact version {root / version} already exists")
+    # The root and any parents this call creates, deepest first: removed again on failure.
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    tmp: Path | None = None
+    final: Path | None = None
+    try:
+        tmp = _new_temp_dir(root, version)
+        files: dict[str, Any] = {}
+        for name, array in arrays.items():
+            path = tmp / f"{name}.npy"
+            np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+            files[f"{name}.npy"] = {
+                "sha256": _sha256(path),
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+            }
+        body = {
+            "schema_version": SCHEMA_VERSION,
+            "version": version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **manifest,
+            "files": files,
         }
-    body = {
-        "schema_version": SCHEMA_VERSION,
-        "version": version,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **manifest,
-        "files": files,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
-    for path in tmp.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    return final
+        _write_manifest(tmp, body)
+        for path in tmp.iterdir():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        final = _publish(tmp, root, body, chosen)
+        tmp = None
+        fsync_dir(root)
+        return final
+    except BaseException as exc:
+        # Nothing of a failed save stays behind: not its temp dir, not a version whose name may
+        # not survive a crash (its root's fsync failed), not the directories it created.
+        for leftover in (tmp, final):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+        for directory in created:
+            try:
+                directory.rmdir()  # only if empty: another writer may be using it
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            raise ArtifactError(
+                f"cannot write a new artifact version under {root}: {exc.strerror or exc} ({code})"
+            ) from None
+        raise
+
+
+# How many names a save tries before giving up (each try is a collision with another writer).
+_NAME_ATTEMPTS = 100
+
+
+def _new_temp_dir(root: Path, version: str) -> Path:
+    """A fresh temp dir under ``root`` that no other writer shares (a dot name: never listed)."""
+    for _ in range(_NAME_ATTEMPTS):
+        # Created here (not tempfile.mkdtemp) so the published version gets the umask's mode,
+        # not 0700. Made in the loop: a concurrent failed save may remove an empty root.
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{version}.{secrets.token_hex(6)}.tmp"
+        try:
+            tmp.mkdir()
+        except (FileExistsError, FileNotFoundError):
+            continue
+        return tmp
+    raise ArtifactError(f"cannot create a temp dir under {root}")
+
+
+def _write_manifest(directory: Path, body: dict[str, Any]) -> None:
+    """Write (or replace) a temp dir's manifest and fsync it."""
+    path = directory / MANIFEST
+    with path.open("w") as handle:
+        handle.write(json.dumps(body, indent=2, sort_keys=True))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _publish(tmp: Path, root: Path, body: dict[str, Any], chosen: bool) -> Path:
+    """Rename a complete temp dir to its version name; a name another writer took first is
+    refused when the caller chose it, else the next free name is used (same millisecond)."""
+    base = body["version"]
+    for attempt in range(_NAME_ATTEMPTS):
+        # "-01".."-99" sort after the name and before the next millisecond's.
+        version = base if attempt == 0 else f"{base}-{attempt:02d}"
+        final = root / version
+        if final.exists():  # rename would replace an empty dir: never reuse a name that is there
+            if chosen:
+                raise ArtifactError(f"artifact version {final} already exists")
+            continue
+        if version != body["version"]:
+            body["version"] = version
+            _write_manifest(tmp, body)
+            fsync_dir(tmp)
+        try:
+            # Atomic; refused (ENOTEMPTY/EEXIST) when another writer published this name first.
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if chosen:
+                raise ArtifactError(f"artifact version {final} already exists") from None
+            continue
+        return final
+    raise ArtifactError(f"no free version name under {root} after {base!r}")
 
 
 def list_versions(root: Path) -> list[str]:
@@ -230,9 +410,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{manifest_path}: schema_version {schema!r} is not supported (expected one of "
             f"{', '.join(map(str, READABLE_SCHEMAS))})"
         )
-    for key in ("version", "files", "model", "dataset"):
-        if key not in manifest:
-            raise ArtifactError(f"{manifest_path}: missing key {key!r}")
+    _check_manifest(manifest_path, manifest)
     return manifest
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from server import artifacts
 from server.artifacts import (
     HISTORY_ARRAYS,
     MANIFEST,
@@ -49,6 +52,7 @@ def _manifest() -> dict[str, Any]:
         "name": "unit",
         "dataset": {"name": "toy", "threshold": 4.0, "n_users": N_USERS, "n_items": N_ITEMS},
         "model": {"kind": "signed-linear-graph", "dim": DIM, "neg_weight": 0.25},
+        "ranking": {"suppression_gamma": 0.2, "propensity_beta": 0.1, "propensity_prior": 16.0},
         "metrics": {"valid": {"ndcg@20": 0.5}},
         "watermark": 0,
     }
@@ -261,12 +265,12 @@ def test_non_positive_weight_is_refused(root: Path) -> None:
         load_artifact(path)
 
 
-@pytest.mark.parametrize("key", ["version", "files", "model", "dataset"])
+@pytest.mark.parametrize("key", ["version", "files", "model", "dataset", "ranking"])
 def test_manifest_missing_key_is_refused(saved: Path, key: str) -> None:
     manifest = json.loads((saved / MANIFEST).read_text())
     del manifest[key]
     (saved / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=repr(key)):
+    with pytest.raises(ArtifactError, match=f"manifest field {key} is missing"):
         read_manifest(saved)
 
 
@@ -297,6 +301,9 @@ def test_list_versions_ignores_temp_and_incomplete_dirs(saved: Path, root: Path)
     # A crashed save leaves `.<version>.tmp`, even with a manifest: never a version, never resolved.
     crashed = save_artifact(root / "elsewhere", _arrays(1), _manifest(), version="20990101T0Z")
     crashed.rename(root / ".20990101T0Z.tmp")
+    # ... or, as a save names its temp dir now (one per writer), `.<version>.<random>.tmp`.
+    other = save_artifact(root / "elsewhere", _arrays(1), _manifest(), version="20990101T1Z")
+    other.rename(root / ".20990101T1Z.0123456789ab.tmp")
     (root / "20980101T000000000Z").mkdir()  # no manifest: not a version
     (root / "20970101T000000000Z.txt").write_text("a file, not a dir")
     assert list_versions(root) == [saved.name]
@@ -331,3 +338,228 @@ def test_inconsistent_item_arrays_are_refused(root: Path) -> None:
     version = save_artifact(root, arrays, _manifest())
     with pytest.raises(ArtifactError, match="disagree"):
         load_artifact(version)
+
+
+# Concurrent saves: two writers that pick the same version name (the same millisecond).
+
+SAME_MS = "20990101T000000000Z"
+
+
+def _dot_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def _interleave(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, root: Path,
+                version: str | None = None) -> list[Path]:  # fmt: skip
+    """Run a whole second save (seed 1) inside the first call of ``target.name`` that the
+    first save makes; returns the path the second save published."""
+    real = getattr(target, name)
+    second: list[Path] = []
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if not second:
+            second.append(Path())  # the inner save's own calls go straight through
+            second[0] = save_artifact(root, _arrays(1), _manifest(), version=version)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, hooked)
+    return second
+
+
+@pytest.mark.parametrize(("target", "name"), [(np, "save"), (os, "rename")])
+def test_writers_of_the_same_version_name_both_publish(
+    root: Path, monkeypatch: pytest.MonkeyPatch, target: Any, name: str
+) -> None:
+    """While one save writes (np.save) or is about to rename (os.rename), another with the same
+    version name publishes: neither touches the other's temp dir, the later gets the next name
+    (a rename onto a taken name is never an overwrite) and each version holds its own arrays."""
+    monkeypatch.setattr(artifacts, "new_version", lambda: SAME_MS)
+    second = _interleave(monkeypatch, target, name, root)
+    first = save_artifact(root, _arrays(0), _manifest())
+    assert second == [root / SAME_MS]
+    assert first == root / f"{SAME_MS}-01"
+    assert list_versions(root) == [SAME_MS, f"{SAME_MS}-01"]
+    for path, seed in ((first, 0), (second[0], 1)):
+        loaded = load_artifact(path)  # every file there and matching its checksum
+        assert loaded.version == path.name
+        np.testing.assert_array_equal(loaded.arrays["item_table"], _arrays(seed)["item_table"])
+    assert _dot_entries(root) == []
+
+
+def test_a_chosen_version_taken_while_writing_is_refused_and_cleaned_up(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = _interleave(monkeypatch, os, "rename", root, version=SAME_MS)
+    with pytest.raises(ArtifactError, match="already exists"):
+        save_artifact(root, _arrays(0), _manifest(), version=SAME_MS)
+    assert second == [root / SAME_MS]
+    loaded = load_artifact(root / SAME_MS)
+    np.testing.assert_array_equal(loaded.arrays["item_table"], _arrays(1)["item_table"])
+    assert _dot_entries(root) == []
+
+
+def test_many_saves_in_one_millisecond_get_names_in_order(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifacts, "new_version", lambda: SAME_MS)
+    names = [save_artifact(root, _arrays(seed), _manifest()).name for seed in range(12)]
+    assert names == list_versions(root)  # the order they were saved in is the sorted order
+    assert names[-1] == f"{SAME_MS}-11"
+    assert names[-1] < "20990101T000000001Z"  # still before the next millisecond
+
+
+# A failed write leaves nothing behind and is one ArtifactError (exit 2 in the CLI).
+
+
+def _failing_np_save(monkeypatch: pytest.MonkeyPatch, after: int, code: int) -> None:
+    real = np.save
+    calls = []
+
+    def save(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(code, os.strerror(code))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
+def test_a_failed_write_removes_its_temp_dir_and_the_root_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    root = tmp_path / "new" / "root"
+    _failing_np_save(monkeypatch, after=3, code=code)
+    with pytest.raises(ArtifactError) as caught:
+        save_artifact(root, _arrays(), _manifest())
+    message = caught.value.message
+    assert str(root) in message
+    assert errno.errorcode[code] in message
+    assert list(tmp_path.iterdir()) == []  # not the root, nor the parent this save made
+
+
+def test_a_failed_write_into_an_existing_root_leaves_it_as_it_was(
+    saved: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_np_save(monkeypatch, after=0, code=errno.ENOSPC)
+    with pytest.raises(ArtifactError, match="ENOSPC"):
+        save_artifact(root, _arrays(1), _manifest())
+    assert [p.name for p in root.iterdir()] == [saved.name]
+    assert load_artifact(saved).version == saved.name
+
+
+def test_a_failed_fsync_after_the_rename_unpublishes_the_version(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root's fsync makes the new name durable; if it fails the version may not survive a
+    crash, so the save fails and takes the version back rather than report an error beside it."""
+    real = artifacts.fsync_dir
+
+    def fsync_dir(directory: Path) -> None:
+        if directory == root:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(directory)
+
+    monkeypatch.setattr(artifacts, "fsync_dir", fsync_dir)
+    with pytest.raises(ArtifactError, match="EIO"):
+        save_artifact(root, _arrays(), _manifest())
+    assert not root.exists()
+
+
+# The manifest's fields are checked when it is read: an edited one is one ArtifactError that
+# names the field, never a KeyError/TypeError later. (The manifest is not among the checksummed
+# files, so an edit needs no re-hash to reach these checks.)
+
+
+def _edit(manifest: dict[str, Any], path: str, value: Any) -> None:
+    """Set (or, with ``...``, delete) a dotted field of a manifest."""
+    *parents, last = path.split(".")
+    for key in parents:
+        manifest = manifest[key]
+    if value is ...:
+        del manifest[last]
+    else:
+        manifest[last] = value
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ("ranking", ..., "ranking is missing"),
+        ("ranking.suppression_gamma", ..., "ranking.suppression_gamma is missing"),
+        ("model.neg_weight", ..., "model.neg_weight is missing"),
+        ("model.neg_weight", "0.5", "model.neg_weight is invalid"),
+        ("model.neg_weight", float("nan"), "model.neg_weight is invalid"),
+        ("dataset.threshold", ..., "dataset.threshold is missing"),
+        ("dataset.threshold", float("inf"), "dataset.threshold is invalid"),
+        ("watermark", "abc", "watermark is invalid"),
+        ("watermark", None, "watermark is invalid"),
+        ("watermark", -1, "watermark is invalid"),
+        ("files", [], "files is invalid"),
+        ("version", 7, "version is invalid"),
+        ("model", "signed", "model is invalid"),
+        # Optional fields may be absent, but must have their type when present.
+        ("log", None, "log is invalid"),
+        ("log", {"last_event_id": 3}, "log.last_event_id is invalid"),
+        ("ranking.propensity_beta", "high", "ranking.propensity_beta is invalid"),
+        ("ranking.propensity_prior", 0, "ranking.propensity_prior is invalid"),
+        ("dataset.fingerprint", 1, "dataset.fingerprint is invalid"),
+        ("model.hyper", [], "model.hyper is invalid"),
+        ("created_at", 5, "created_at is invalid"),
+    ],
+)  # fmt: skip
+def test_an_edited_manifest_is_refused_naming_the_field(
+    saved: Path, path: str, value: Any, field: str
+) -> None:
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["log"] = {"last_event_id": "e-1", "last_seq": 0}
+    _edit(manifest, path, value)
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    for read in (read_manifest, load_artifact):
+        with pytest.raises(ArtifactError, match=f"manifest field {field}") as caught:
+            read(saved)
+        assert str(saved / MANIFEST) in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda files: files["item_table.npy"].pop("sha256"),
+         r"files\['item_table.npy'\].sha256 is missing"),
+        (lambda files: files["item_ids.npy"].update(sha256="not-a-digest"),
+         r"files\['item_ids.npy'\].sha256 is invalid"),
+        (lambda files: files["pos_items.npy"].update(shape="6"),
+         r"files\['pos_items.npy'\].shape is invalid"),
+        (lambda files: files.update({"neg_items.npy": None}),
+         r"files\['neg_items.npy'\] is invalid"),
+    ],
+)  # fmt: skip
+def test_an_edited_file_entry_is_refused_naming_the_file(saved: Path, edit: Any, field: str
+                                                          ) -> None:  # fmt: skip
+    manifest = json.loads((saved / MANIFEST).read_text())
+    edit(manifest["files"])
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"manifest field {field}"):
+        load_artifact(saved)
+
+
+def test_an_old_manifest_without_the_optional_fields_loads(saved: Path) -> None:
+    """What schema 1 did not write, or wrote only sometimes, may be absent: defaults apply."""
+    _as_older_schema(saved, 1, [*WEIGHT_ARRAYS, *HISTORY_ARRAYS])
+    manifest = json.loads((saved / MANIFEST).read_text())
+    for key in ("watermark", "created_at", "metrics", "log"):
+        manifest.pop(key, None)
+    manifest["ranking"] = {"suppression_gamma": 0.0}
+    manifest["model"] = {"neg_weight": 0.5}
+    manifest["dataset"] = {"threshold": 3}  # an integral threshold is a number too
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    loaded = load_artifact(saved)
+    assert (loaded.watermark, loaded.neg_weight, loaded.threshold) == (0, 0.5, 3.0)
+
+
+def test_the_shipped_default_still_loads() -> None:
+    root = Path(__file__).resolve().parent.parent / "model_artifacts" / "default"
+    versions = list_versions(root)
+    assert versions
+    assert read_manifest(root / versions[-1])["schema_version"] == 1
+    assert load_artifact(root).version == versions[-1]
