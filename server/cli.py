@@ -145,12 +145,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_versions(args: argparse.Namespace) -> int:
     from server.artifacts import list_versions, numeric_metrics, read_manifest
+    from server.errors import ArtifactError
 
     root = Path(args.root)
     if not root.is_dir():
         raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
     for version in list_versions(root):
-        manifest = read_manifest(root / version)
+        try:
+            manifest = read_manifest(root / version)
+        except ArtifactError as exc:  # one bad version must not hide the others
+            print(version, f"unusable: {exc.message}")
+            continue
         metrics = manifest.get("metrics")
         test = numeric_metrics(metrics.get("test") if isinstance(metrics, dict) else None)
         # The watermark tells an operator which logged events a version holds (log retention).

@@ -94,6 +94,25 @@ def test_versions_lists_a_non_numeric_metric_as_nan(
     assert "ndcg@20(test)=nan" in lines[1]
 
 
+def test_versions_lists_an_unusable_version_and_goes_on(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version whose manifest is damaged is listed as unusable, with why; the others still
+    show (an operator looks at the listing to find exactly that kind of version)."""
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        shutil.copytree(tiny_artifact, root / name)
+    manifest = json.loads((root / "v1" / "manifest.json").read_text())
+    manifest["watermark"] = "abc"
+    (root / "v1" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["versions", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["v1", "v2"]
+    assert "unusable" in lines[0]
+    assert "watermark" in lines[0]
+    assert "ndcg@20(test)=" in lines[1]
+
+
 def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: Path) -> None:
     """What GET /v1/model answers: every version, with only its numeric metrics."""
     root = _root_with_an_odd_manifest(tiny_artifact, tmp_path / "root")
