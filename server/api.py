@@ -38,6 +38,7 @@ from server.errors import (
     UnauthenticatedError,
     UnknownItemError,
     UnknownUserError,
+    UnknownVersionError,
 )
 from server.events import NewEvent
 from server.service import Service
@@ -105,6 +106,7 @@ STATUS: dict[type[SignedrecError], int] = {
     BodyTooLargeError: 413,
     UnknownItemError: 404,
     UnknownUserError: 404,
+    UnknownVersionError: 404,
     NotReadyError: 503,
     LogUnavailableError: 503,
 }

@@ -108,3 +108,9 @@ class NoPreviousVersionError(SignedrecError):
     """Rollback asked for with nothing to roll back to."""
 
     code = "no_previous_version"
+
+
+class UnknownVersionError(SignedrecError):
+    """A model version that is not (or no longer) under the artifact root."""
+
+    code = "unknown_version"

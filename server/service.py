@@ -29,6 +29,7 @@ from server.errors import (
     NoPreviousVersionError,
     NotReadyError,
     SignedrecError,
+    UnknownVersionError,
 )
 from server.index import set_cpu_threads
 from server.metrics import CacheCollector, LogCollector, Metrics
@@ -197,7 +198,16 @@ class Service:
             # Only names that exist on disk reach the filesystem: an arbitrary name (too long, odd
             # bytes) must be a clean "no such version", not an OSError from a path lookup.
             if version is not None and version not in list_versions(self.root):
-                raise ArtifactError(f"no artifact version {version!r} under {self.root}")
+                if rollback:  # gone from disk: drop it, so the next rollback can go further back
+                    self.previous.pop()
+                    await self._save_rollout()
+                    raise UnknownVersionError(
+                        f"the rollback target {version!r} is no longer under {self.root}; it was "
+                        f"dropped from the rollback history ({len(self.previous)} left)",
+                        {"version": version},
+                    )
+                raise UnknownVersionError(f"no artifact version {version!r} under {self.root}",
+                                          {"version": version})  # fmt: skip
             path = resolve(self.root) if version is None else self.root / version
             if path.name == current:
                 if not rollback and version != self.pinned:

@@ -204,8 +204,8 @@ def test_lifecycle(server: Server, root: Path) -> None:
     assert "catalogue" in r.json()["error"]["message"]
     # A missing version as well, including names no filesystem would take (schemathesis found
     # a 300-byte Unicode name turning into a 500 from the path lookup).
-    _assert_error(_admin(server, "reload", "no-such-version"), 409, "invalid_artifact")
-    _assert_error(_admin(server, "reload", "\u1e70\u033a" * 150), 409, "invalid_artifact")
+    _assert_error(_admin(server, "reload", "no-such-version"), 404, "unknown_version")
+    _assert_error(_admin(server, "reload", "\u1e70\u033a" * 150), 404, "unknown_version")
 
     model = _model(server)
     assert model["active"] == first
@@ -282,6 +282,12 @@ def test_model_choice_survives_restarts(tmp_path: Path) -> None:
     try:
         # The stack was [default, NEWER]; NEWER is now active, so rollback goes to default.
         assert choice(srv) == (NEWER, default)
+        # A rollback target deleted from disk is a 404 and leaves the history, so the operator
+        # is not stuck on it: the next rollback says there is nothing left to go back to.
+        shutil.move(root / default, tmp_path / "aside")
+        _assert_error(_admin(srv, "rollback"), 404, "unknown_version")
+        assert choice(srv) == (NEWER, None)
+        _assert_error(_admin(srv, "rollback"), 409, "no_previous_version")
     finally:
         srv.stop()
     assert f"pinned version {ROTATED} is no longer under" in srv.log_path.read_text()
