@@ -656,11 +656,31 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Against the {TARGET_RATIO} x retrained target: NDCG@20 at {re_ndcg:.3f}x "
             f"({(re_ndcg - TARGET_RATIO) * 100:+.1f} points), Recall@20 at {re_rec:.3f}x "
-            f"({(re_rec - TARGET_RATIO) * 100:+.1f} points).",
+            f"({(re_rec - TARGET_RATIO) * 100:+.1f} points) of the literal retrained row.",
+            *refit_target_lines(r),
             "",
         ]
     lines += ["![NDCG@20 as the stream is absorbed](online.png)", ""]
     return "\n".join(lines)
+
+
+def refit_target_lines(r: dict[str, Any]) -> list[str]:
+    """The target against the fair refit, which the literal retrained row cannot be: its search
+    selects on valid rows that are inside its training data, so every valid positive is masked,
+    the valid metric is 0 at every grid point and the search keeps its starting point."""
+    ratios = r["ratios"]
+    ndcg = ratios.get("online/refit ndcg@20 (information)")
+    recall = ratios.get("online/refit recall@20 (information)")
+    if ndcg is None or recall is None:
+        return []
+    return [
+        "",
+        f"Against the fair reference (train ∪ valid refit at static's hyper-parameters, no "
+        f"search): NDCG@20 at {ndcg:.3f}x ({(ndcg - TARGET_RATIO) * 100:+.1f} points), Recall@20 "
+        f"at {recall:.3f}x ({(recall - TARGET_RATIO) * 100:+.1f} points). The literal retrained "
+        "row selects on valid rows that are inside its training data: every valid positive is "
+        "masked, so its search cannot choose and keeps its starting point (an underestimate).",
+    ]
 
 
 def gap_lines(r: dict[str, Any]) -> list[str]:
