@@ -188,6 +188,7 @@ class Service:
         async with self.swapping:
             current = state.item_side.version
             if rollback:
+                self._trim_previous(current)
                 if not self.previous:
                     raise NoPreviousVersionError("no previous model version to roll back to")
                 version = self.previous[-1]
@@ -200,6 +201,7 @@ class Service:
             if version is not None and version not in list_versions(self.root):
                 if rollback:  # gone from disk: drop it, so the next rollback can go further back
                     self.previous.pop()
+                    self._trim_previous(current)
                     await self._save_rollout()
                     raise UnknownVersionError(
                         f"the rollback target {version!r} is no longer under {self.root}; it was "
@@ -233,6 +235,12 @@ class Service:
             self.metrics.model.clear()
             self.metrics.model.labels(side.version).set(1)
         await self.prune_log(state)
+
+    def _trim_previous(self, current: str) -> None:
+        """Drop rollback targets equal to the active version from the top of the stack (left
+        there when a vanished target was dropped): a rollback to it would do nothing."""
+        while self.previous and self.previous[-1] == current:
+            self.previous.pop()
 
     async def prune_log(self, state: LiveState) -> None:
         """Under ``log.retention = "trained"``, delete the log segments that every version under

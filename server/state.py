@@ -376,6 +376,15 @@ class LiveState:
                 "it cannot take over the live users"
             )
         watermark = side.artifact.watermark
+        first_seq = self.log.first_seq if self.log is not None else 1
+        if side.artifact.graph_fingerprint != self.graph and watermark + 1 < first_seq:
+            # A restart serves a version on its own graph plus the log after its watermark;
+            # retention has dropped some of those events, so that restart could not happen.
+            raise ArtifactError(
+                f"model {side.version} needs the logged events after seq {watermark}, but log "
+                f"retention has dropped those before seq {first_seq}: a restart on it could not "
+                "replay them; train it with --events on this state (or --since a served version)"
+            )
         if side.artifact.graph_fingerprint != self.graph and 0 < watermark <= self.applied_seq:
             log.info(
                 "model %s was trained on the events up to seq %d: live users keep this server's "
