@@ -402,6 +402,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
+    except OSError as exc:  # permissions, a directory in its place, I/O errors
+        raise ArtifactError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{manifest_path} is not a JSON object")
     schema = manifest.get("schema_version")

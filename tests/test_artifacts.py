@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -563,3 +564,15 @@ def test_the_shipped_default_still_loads() -> None:
     assert versions
     assert read_manifest(root / versions[-1])["schema_version"] == 1
     assert load_artifact(root).version == versions[-1]
+
+
+def test_a_manifest_that_cannot_be_read_is_an_artifact_error(tiny_artifact: Path, tmp_path: Path
+                                                              ) -> None:  # fmt: skip
+    """A directory in the manifest's place (or a permission error) is refused like any other
+    unusable manifest, so listings skip or name that version instead of failing."""
+    broken = tmp_path / "v1"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / MANIFEST).unlink()
+    (broken / MANIFEST).mkdir()
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        read_manifest(broken)
