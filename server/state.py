@@ -820,17 +820,18 @@ class LiveState:
             else:
                 known.append(user)
                 positions.append(position)
-        if known:
-            # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0)
-            # scores every item 0: FAISS would answer in id order. Popularity is the answer.
-            zero = np.flatnonzero(~self.vectors[np.asarray(known)].any(axis=1))
-            for row in zero.tolist():
+        queries = self.vectors[np.asarray(known, dtype=np.int64)]
+        # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0) scores
+        # every item 0: FAISS would answer in id order. Popularity is the answer.
+        zero = ~queries.any(axis=1)
+        if zero.any():
+            for row in np.flatnonzero(zero).tolist():
                 position = positions[row]
                 out[position] = self.popular(k, user_ids[position], include_liked)
-            if zero.size:
-                keep_rows = np.setdiff1d(np.arange(len(known)), zero).tolist()
-                known = [known[row] for row in keep_rows]
-                positions = [positions[row] for row in keep_rows]
+            keep_rows = np.flatnonzero(~zero).tolist()
+            known = [known[row] for row in keep_rows]
+            positions = [positions[row] for row in keep_rows]
+            queries = queries[~zero]
         if known:
             side = self.item_side
             excluded: list[np.ndarray] = []
@@ -844,7 +845,7 @@ class LiveState:
             ids, scores = rank(
                 side.index,
                 side.unit,
-                self.vectors[np.asarray(known)],
+                queries,
                 Ragged.from_lists(excluded),
                 Ragged.from_lists(disliked),
                 k,
