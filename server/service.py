@@ -33,7 +33,7 @@ from server.errors import (
 )
 from server.index import set_cpu_threads
 from server.metrics import CacheCollector, LogCollector, Metrics
-from server.state import ItemSide, LiveState, Recommendation
+from server.state import ItemSide, LiveState, Recommendation, SnapshotCapture
 from server.wire import ModelOut, ModelVersion
 
 log = logging.getLogger("signedrec.service")
@@ -139,35 +139,51 @@ class Service:
         capture = state.begin_snapshot()
         share = self.config.log.snapshot_loop_share
         try:
-            while True:
-                if self.stopping:  # close() writes a final snapshot in one go
-                    state.abandon_snapshot("shutting down")
-                if capture.abandoned:  # or a model swap: it would mix two models' vectors
-                    self.metrics.snapshots.labels("abandoned").inc()
-                    return False
-                started = time.perf_counter()
-                if capture.step(self.config.log.snapshot_step):
-                    break
-                # Paced: a request needs several loop turns, and sleep(0) gives it only one
-                # per step; idling in proportion lets requests through between steps.
-                await asyncio.sleep((time.perf_counter() - started) * (1.0 - share) / share)
+            copied = await self._copy_in_steps(state, capture, share)
+        except Exception:  # a bug: the log still has every event, so serving goes on
+            log.exception("snapshot not taken: copying the state failed")
+            self._snapshot_failed(state, capture)
+            return False
         finally:
             state.end_snapshot(capture)
+        if not copied:
+            return False
         written = await asyncio.to_thread(state.save_snapshot, capture.result())
-        self.metrics.snapshots.labels("written" if written else "failed").inc()
         if written:
+            self.metrics.snapshots.labels("written").inc()
             self.metrics.snapshot_seconds.observe(time.perf_counter() - started_at)
             self.snapshot_failures, self.snapshot_retry_at = 0, 0.0
         else:
-            state.snapshot_failed(capture)
-            config = self.config.log
-            wait = min(config.snapshot_retry_seconds * 2.0**self.snapshot_failures,
-                       config.snapshot_retry_max_seconds)  # fmt: skip
-            self.snapshot_failures += 1
-            self.snapshot_retry_at = time.monotonic() + wait
-            log.warning("next snapshot try in %.0f s at the earliest (%d failed in a row)",
-                        wait, self.snapshot_failures)  # fmt: skip
+            self._snapshot_failed(state, capture)
         return written
+
+    async def _copy_in_steps(self, state: LiveState, capture: SnapshotCapture, share: float
+                             ) -> bool:  # fmt: skip
+        """Copy the state a step at a time, idling between steps; False if abandoned."""
+        while True:
+            if self.stopping:  # close() writes a final snapshot in one go
+                state.abandon_snapshot("shutting down")
+            if capture.abandoned:  # or a model swap: it would mix two models' vectors
+                self.metrics.snapshots.labels("abandoned").inc()
+                return False
+            started = time.perf_counter()
+            if capture.step(self.config.log.snapshot_step):
+                return True
+            # Paced: a request needs several loop turns, and sleep(0) gives it only one per
+            # step; idling in proportion lets requests through between steps.
+            await asyncio.sleep((time.perf_counter() - started) * (1.0 - share) / share)
+
+    def _snapshot_failed(self, state: LiveState, capture: SnapshotCapture) -> None:
+        """Count a failed snapshot, keep its events counted, and back off before the next."""
+        self.metrics.snapshots.labels("failed").inc()
+        state.snapshot_failed(capture)
+        config = self.config.log
+        wait = min(config.snapshot_retry_seconds * 2.0**self.snapshot_failures,
+                   config.snapshot_retry_max_seconds)  # fmt: skip
+        self.snapshot_failures += 1
+        self.snapshot_retry_at = time.monotonic() + wait
+        log.warning("next snapshot try in %.0f s at the earliest (%d failed in a row)",
+                    wait, self.snapshot_failures)  # fmt: skip
 
     def loaded(self, task: asyncio.Task[None]) -> None:
         """Done-callback of the loading task: a failure is logged with its cause, then reported."""

@@ -12,6 +12,7 @@ from server import snapshot
 from server.config import load_config
 from server.events import NewEvent
 from server.service import Service
+from server.state import SnapshotCapture
 
 RETRY_S, RETRY_MAX_S = 10.0, 25.0
 
@@ -36,9 +37,20 @@ async def _settle(service: Service) -> None:
         await service.snapshotting
 
 
-@pytest.mark.parametrize("failure", [OSError("No space left on device"), RuntimeError("a bug")])
+@pytest.mark.parametrize(
+    ("stage", "failure"),
+    [
+        ("write", OSError("No space left on device")),
+        ("write", RuntimeError("a bug")),
+        ("copy", RuntimeError("a bug")),  # in the paced copy, before anything is written
+    ],
+)
 def test_back_off_doubles_to_its_cap_and_a_success_resets_it(
-    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+    tiny_artifact: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stage: str,
+    failure: Exception,
 ) -> None:
     config = load_config(env={
         "SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS": "2",
@@ -53,7 +65,17 @@ def test_back_off_doubles_to_its_cap_and_a_success_resets_it(
             raise failure
         return real_write(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(snapshot, "write", write)
+    real_step = SnapshotCapture.step
+
+    def step(self: SnapshotCapture, budget: int | None = None) -> bool:
+        if broken:
+            raise failure
+        return real_step(self, budget)
+
+    if stage == "write":
+        monkeypatch.setattr(snapshot, "write", write)
+    else:
+        monkeypatch.setattr(SnapshotCapture, "step", step)
     # A served process freezes the collector after loading; this one is the test session.
     monkeypatch.setattr("server.service.tune_gc", lambda _config: None)
 
