@@ -375,6 +375,14 @@ class LiveState:
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
+        if side.threshold != old.threshold:
+            # Live strengths were derived from logged ratings with the old threshold; a restart
+            # would re-derive them with the new one, so the live users would differ from it.
+            raise ArtifactError(
+                f"model {side.version} counts ratings >= {side.threshold:g} as likes, the live "
+                f"state >= {old.threshold:g}: logged ratings would change sign at the next "
+                "restart; restart the server on it instead of reloading"
+            )
         watermark = side.artifact.watermark
         first_seq = self.log.first_seq if self.log is not None else 1
         if side.artifact.graph_fingerprint != self.graph and watermark + 1 < first_seq:

@@ -14,6 +14,7 @@ import pytest
 from server import snapshot
 from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import Hyper, load_config
+from server.errors import ArtifactError
 from server.events import EventRecord, NewEvent
 from server.state import ItemSide, LiveState
 from server.train import train
@@ -184,6 +185,23 @@ def test_a_user_whose_vector_is_zero_gets_the_popularity_list(
         assert got[0].items == live.popular(5, "newbie", include_liked).items
         assert top not in got[0].items
         assert not got[1].fallback  # a trained user in the same batch is ranked as before
+    asyncio.run(live.close())
+
+
+def test_a_swap_to_another_rating_threshold_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A rating's sign comes from the threshold when it is applied; a live swap to a version
+    with another threshold would leave live users unlike what a restart rebuilds."""
+    first = load_artifact(tiny_artifact)
+    manifest = {k: v for k, v in first.manifest.items()
+                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    manifest["dataset"] = {**manifest["dataset"], "threshold": 3.0}
+    other = save_artifact(tmp_path / "root", dict(first.arrays), manifest)
+    config = load_config(env={})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    live.open_log()
+    with pytest.raises(ArtifactError, match="logged ratings would change sign"):
+        live.swap(ItemSide(load_artifact(other), config))
+    assert live.item_side.version == first.version
     asyncio.run(live.close())
 
 
