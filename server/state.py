@@ -628,10 +628,6 @@ class LiveState:
                     f"item {event.item_id!r} is not in model {self.item_side.version}",
                     {"index": position, "item_id": event.item_id},
                 )
-            if event.kind == "rating" and event.value is None:
-                raise InvalidEventError(
-                    "a rating event needs a value", {"index": position, "field": "value"}
-                )
 
     def in_flight(self, events: Sequence[NewEvent]) -> list[Reservation]:
         """The writes in flight that hold some of these ids: a repeat waits for their outcome
@@ -653,11 +649,9 @@ class LiveState:
             fresh.append(event)
         return fresh, len(events) - len(fresh)
 
-    def reserve(self, events: Iterable[NewEvent]) -> Reservation:
+    def reserve(self, events: Iterable[NewEvent]) -> None:
         """Mark ids as taken before the log write, so a concurrent repeat is not applied twice."""
-        reservation = Reservation()
-        self.reserved.update(dict.fromkeys((e.event_id for e in events), reservation))
-        return reservation
+        self.reserved.update(dict.fromkeys((e.event_id for e in events), Reservation()))
 
     def release(self, events: Iterable[NewEvent]) -> None:
         """Undo ``reserve`` when the write failed and nothing was accepted."""

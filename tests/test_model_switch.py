@@ -7,8 +7,6 @@ import asyncio
 import shutil
 from pathlib import Path
 
-import pytest
-
 from server.artifacts import load_artifact, save_artifact
 from tests.conftest import N_ITEMS
 from tests.test_webhook_races import running
@@ -18,12 +16,6 @@ RETENTION = {
     "SIGNEDREC_LOG__DEDUP_WINDOW": "10",
     "SIGNEDREC_LOG__RETENTION": "trained",
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_gc_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A served process freezes the collector after loading; this one is the test session.
-    monkeypatch.setattr("server.service.tune_gc", lambda _config: None)
 
 
 def _version(root: Path, source: Path, name: str, watermark: int = 0) -> str:

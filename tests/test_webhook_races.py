@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
@@ -32,7 +33,9 @@ async def running(
     """The app started in this loop (no lifespan), and a client talking to it."""
     app = create_app(artifact, state_dir, load_config(env=env or {}))
     service: Service = app.state["service"]
-    await service.start()
+    # A served process freezes the collector after loading; this one is the test session.
+    with mock.patch("server.service.tune_gc", return_value=None):
+        await service.start()
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -65,12 +68,6 @@ def slow_fsync(fail_first: int) -> Callable[[int], None]:
         events.os.fsync(fd)
 
     return fsync
-
-
-@pytest.fixture(autouse=True)
-def _no_gc_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A served process freezes the collector after loading; this one is the test session.
-    monkeypatch.setattr("server.service.tune_gc", lambda _config: None)
 
 
 @pytest.mark.parametrize("first_fails", [False, True])
