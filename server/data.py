@@ -18,8 +18,6 @@ SPLITS = ("train", "valid", "test")
 # when the id range exceeds this many times the distinct ids, plus a slack for small datasets.
 ID_RANGE_FACTOR = 2
 ID_RANGE_SLACK = 1000
-# Ratings are stored as float32; a larger magnitude would silently become inf.
-FLOAT32_MAX: float = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +26,8 @@ class Interactions:
 
     users: np.ndarray  # int32
     items: np.ndarray  # int32
-    ratings: np.ndarray  # float32
+    # float64, as online ratings are compared: float32 would turn 3.9999999 into a like at 4.
+    ratings: np.ndarray
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
@@ -75,8 +74,6 @@ def _parse_rating(token: str, path: str, line: int) -> float:
         raise DataError(path, line, f"rating {token!r} is not a number") from None
     if math.isnan(value) or math.isinf(value):
         raise DataError(path, line, f"rating {token!r} is not finite")
-    if abs(value) > FLOAT32_MAX:
-        raise DataError(path, line, f"rating {token!r} is out of range (ratings are float32)")
     return value
 
 
@@ -99,7 +96,7 @@ def _parse_lines(lines: Sequence[str], path: str) -> Interactions:
     return Interactions(
         np.asarray(users, dtype=np.int32),
         np.asarray(items, dtype=np.int32),
-        np.asarray(ratings, dtype=np.float32),
+        np.asarray(ratings, dtype=np.float64),
     )
 
 
@@ -128,7 +125,6 @@ def read_interactions(path: Path) -> Interactions:
             ids = table[:, :2]
             if (
                 np.isfinite(table).all()
-                and (np.abs(table[:, 2]) <= FLOAT32_MAX).all()
                 and (ids >= 0).all()
                 and (ids == np.floor(ids)).all()
                 and (ids <= np.iinfo(np.int32).max).all()
@@ -136,7 +132,7 @@ def read_interactions(path: Path) -> Interactions:
                 return Interactions(
                     np.ascontiguousarray(ids[:, 0], dtype=np.int32),
                     np.ascontiguousarray(ids[:, 1], dtype=np.int32),
-                    np.ascontiguousarray(table[:, 2], dtype=np.float32),
+                    np.ascontiguousarray(table[:, 2]),
                 )
     return _parse_lines(lines, name)
 
