@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from server.data import Dataset
+from server.errors import DataError
 from server.evaluate import Truth, evaluate_scores, ground_truth, interaction_matrix
 from server.graph import SignedGraph, build_graph
 
@@ -307,6 +308,9 @@ def fit_lightgcn(
     out = sys.stderr if out is None else out  # the stream at call time, not import
     threads = _threads()
     graph = _train_graph(dataset)
+    if len(graph.pos_items) == 0:  # BPR needs a liked item per step; the loss divided by zero
+        raise DataError(f"{dataset.name}/train.txt", None,
+                        "no positive interaction: LightGCN learns from likes only")  # fmt: skip
     truth, masked = _valid_truth(dataset), _masked(dataset)
     print(
         f"lightgcn: {graph.n_users} users, {graph.n_items} items, {len(graph.pos_items)} positive "

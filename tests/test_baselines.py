@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 
@@ -169,6 +170,17 @@ def test_lightgcn_respects_the_wall_time_cap(bundles: Dataset) -> None:
     assert model.params["stopped_by"] == "wall-time cap"
     assert model.params["epochs_run"] == 1
     assert model.scores(np.arange(3)).shape == (3, bundles.n_items)
+
+
+def test_lightgcn_refuses_a_train_split_without_likes(bundles: Dataset) -> None:
+    from server.baselines import fit_lightgcn
+    from server.errors import DataError
+
+    train = bundles.train
+    disliked = Interactions(train.users, train.items, np.ones_like(train.ratings))
+    only_dislikes = dataclasses.replace(bundles, train=disliked)
+    with pytest.raises(DataError, match=r"bundles/train\.txt: no positive interaction"):
+        fit_lightgcn(only_dislikes, dim=8, max_seconds=5.0, out=io.StringIO())
 
 
 def test_negative_sampling_avoids_train_positives() -> None:
