@@ -158,6 +158,9 @@ class KernelConfig(Base):
     even beside a GPU; "cuda" forces the GPU kernels)."""
 
     backend: Literal["auto", "cpu", "cuda"] = "auto"
+    # A user's vector is a running float32 sum of in-place updates; after this many it is
+    # refolded from the user's feedback, so rounding never accumulates past a refold's worth.
+    refold_every: Annotated[int, msgspec.Meta(ge=1)] = 4096
 
 
 # The size of an event-log record's header (server/events.py HEADER_SIZE; a test keeps them equal).

@@ -92,6 +92,7 @@ class UserFeedback:
     negative_cache: np.ndarray | None = None
     # Strength-weighted (likes, dislikes), for the dislike propensity; rebuilt with seen_cache.
     counts: tuple[float, float] = (0.0, 0.0)
+    updates: int = 0  # in-place vector updates since the vector was last folded exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,6 +704,8 @@ class LiveState:
         w = self._weights
         fixed = strengths_by_kind(w)
         threshold = self.item_side.threshold
+        refold_every = self.config.kernels.refold_every
+        refold: dict[int, UserFeedback] = {}
         applied_ids: list[str] = []
         feedback_get = self.feedback.get
         users: list[int] = []
@@ -742,6 +745,9 @@ class LiveState:
             users.append(user)
             rows.append(item)
             deltas.append(delta)
+            feedback.updates += 1
+            if feedback.updates >= refold_every:
+                refold[user] = feedback
         self.event_ids.add(applied_ids)
         if records:
             self.applied_seq = max(self.applied_seq, records[-1].seq)
@@ -753,6 +759,11 @@ class LiveState:
                 self.vectors, self.item_side.table, owners, np.asarray(rows, np.int32),
                 np.asarray(deltas, np.float32),
             )  # fmt: skip
+            if refold:  # after the batch's updates, so the fold is of their final strengths
+                _fold_graphs(self.item_side, self.vectors,
+                             {user: fb.strength for user, fb in refold.items()})  # fmt: skip
+                for fb in refold.values():
+                    fb.updates = 0
             self.cache.invalidate(users)
             if self._swap is not None:
                 self._swap.touched.update(users)

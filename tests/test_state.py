@@ -16,7 +16,7 @@ from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import Hyper, load_config
 from server.errors import ArtifactError
 from server.events import EventRecord, NewEvent
-from server.state import ItemSide, LiveState
+from server.state import ItemSide, LiveState, _fold_graphs
 from server.train import train
 from tests.conftest import (
     N_USERS,
@@ -186,6 +186,43 @@ def test_a_user_whose_vector_is_zero_gets_the_popularity_list(
         assert top not in got[0].items
         assert not got[1].fallback  # a trained user in the same batch is ranked as before
     asyncio.run(live.close())
+
+
+@pytest.mark.parametrize("user", ["0", "newcomer"])  # a trained user, one the log created
+def test_a_vector_is_refolded_exactly_every_refold_every_updates(
+    tiny_artifact: Path, tmp_path: Path, user: str
+) -> None:
+    """In-place updates are a running float32 sum whose rounding grows with every event; after
+    ``kernels.refold_every`` of them the vector is the exact fold of the user's feedback again,
+    bit for bit, and it was within float32 tolerance of that fold in between."""
+    every = 64
+    config = load_config(env={"SIGNEDREC_KERNELS__REFOLD_EVERY": str(every)})
+    live = LiveState(tiny_artifact, tmp_path / "state", config)
+    rng = np.random.default_rng(7)
+    n_items = live.item_side.n_items
+    kinds = ("like", "dislike", "skip", "rating")
+    seq = 0
+
+    def fold() -> np.ndarray:
+        index = live.users.get(user)
+        exact = live.vectors.copy()
+        _fold_graphs(live.item_side, exact, {index: live.feedback[index].strength})
+        return exact[index]
+
+    for _ in range(2 * every // 16):
+        records = []
+        for _event in range(16):
+            seq += 1
+            kind = kinds[int(rng.integers(len(kinds)))]
+            value = float(rng.integers(1, 6)) if kind == "rating" else None
+            item = str(int(rng.integers(n_items)))
+            records.append(EventRecord(seq, f"e{seq}", user, item, kind, value, float(seq)))
+        live.apply(records)
+        vector = live.vectors[live.users.get(user)]
+        np.testing.assert_allclose(vector, fold(), rtol=1e-5, atol=1e-5)
+        if seq % every == 0:
+            np.testing.assert_array_equal(vector, fold())
+    assert seq == 2 * every
 
 
 def test_a_swap_to_another_rating_threshold_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:
