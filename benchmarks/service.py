@@ -39,7 +39,7 @@ import numpy.typing as npt
 import psutil
 
 from benchmarks.host import cpu_model, git_state
-from server.artifacts import resolve
+from server.artifacts import read_ids, resolve
 from server.config import EventLogConfig
 from server.data import load_dataset
 from server.events import EventLog, NewEvent
@@ -88,14 +88,6 @@ def filesystem_of(path: Path) -> str:
         ):
             best = (mount, part.fstype)
     return f"{best[1]} on {best[0] or '?'}"
-
-
-def artifact_ids(artifact: Path) -> tuple[list[str], list[str]]:
-    """External user ids and item ids of an artifact (root or version directory)."""
-    version = resolve(artifact)
-    users = [str(x) for x in np.load(version / "user_ids.npy").tolist()]
-    items = [str(x) for x in np.load(version / "item_ids.npy").tolist()]
-    return users, items
 
 
 class ServerProcess(ServeProcess):
@@ -862,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.service " + " ".join(sys.argv[1:] if argv is None else argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="signedrec-service-bench-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    users, items = artifact_ids(args.artifact)
+    users, items = read_ids(args.artifact)
     phases: dict[str, list[float]] = {"start": load_avg()}
     foreign: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from locust import FastHttpUser, between, constant_throughput, events, task
 
-from server.artifacts import resolve
+from server.artifacts import read_ids
 
 ZIPF_EXPONENT = 1.1
 NEW_USER_SHARE = 0.05
@@ -30,9 +30,7 @@ class Traffic:
     """Ids to draw from: users weighted Zipf-like by rank, items uniformly from the catalogue."""
 
     def __init__(self, artifact: Path) -> None:
-        path = resolve(artifact)
-        self.users = np.load(path / "user_ids.npy", allow_pickle=False).tolist()
-        self.items = np.load(path / "item_ids.npy", allow_pickle=False).tolist()
+        self.users, self.items = read_ids(artifact)
         ranks = np.arange(1, len(self.users) + 1, dtype=np.float64)
         weights = ranks**-ZIPF_EXPONENT
         self.cumulative = np.cumsum(weights / weights.sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,9 +29,11 @@ from server.graph import SignedGraph
 # 2 added the trained graph's edge weights (feedback folded in from an event log); a version 1
 # artifact is read as every edge weighing 1, which is what its trainer used. 3 added the logged
 # events the graph holds, so a user's history keeps their ids and times once they are trained;
-# older artifacts are read as holding none.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+# older artifacts are read as holding none. 4 stores user ids as UTF-8 bytes and offsets
+# (``USER_ID_ARRAYS``): a fixed-width unicode array gave every user the longest id's 4 bytes a
+# character, so one 512-character id logged online cost 2 KB a user in the next retrained version.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 
 # Every array an artifact must hold, with its dtype; shapes are checked against the manifest.
@@ -59,8 +63,12 @@ HISTORY_ARRAYS: dict[str, str] = {
     "log_id_offsets": "int64",
     "log_id_bytes": "uint8",
 }
+# Schema 4 holds the user ids (``arrays["user_ids"]`` once loaded, an object array of str) as
+# user k's UTF-8 bytes at user_id_bytes[user_id_offsets[k]:user_id_offsets[k + 1]]; schemas 1-3
+# as the fixed-width ``user_ids.npy``.
+USER_ID_ARRAYS: dict[str, str] = {"user_id_bytes": "uint8", "user_id_offsets": "int64"}
 # The arrays that make up the users and trained signed graph a live state is built on.
-GRAPH_FILES = ("user_ids", "pos_indptr", "pos_items", "neg_indptr", "neg_items")
+GRAPH_FILES = ("pos_indptr", "pos_items", "neg_indptr", "neg_items")
 
 
 def _finite(owner: msgspec.Struct, *names: str) -> None:
@@ -168,6 +176,8 @@ class Artifact:
     path: Path
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    # sha256 of the user ids as ``pack_ids`` lays them out, whatever the schema stored them as.
+    users_digest: str
 
     @property
     def version(self) -> str:
@@ -191,9 +201,11 @@ class Artifact:
 
     @property
     def graph_fingerprint(self) -> str:
-        """Digest of the user ids and trained signed graph (from the verified file checksums)."""
+        """Digest of the user ids (by content: a schema 3 and a schema 4 copy of one graph agree)
+        and the trained signed graph (from the verified file checksums)."""
         files = self.manifest["files"]
         digest = hashlib.sha256(str(self.manifest.get("watermark", 0)).encode())
+        digest.update(self.users_digest.encode())
         for name in GRAPH_FILES:
             digest.update(files[f"{name}.npy"]["sha256"].encode())
         # Unit weights (every schema 1 graph, any graph of dataset rows only) add nothing, so
@@ -231,6 +243,27 @@ def npy_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
+def pack_ids(ids: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one uint8 array of their UTF-8 bytes and int64 offsets (one more than ids)."""
+    encoded = [str(x).encode() for x in ids]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def unpack_ids(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings ``pack_ids`` packed; ValueError if the arrays do not hold such strings."""
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(data):
+        raise ValueError("the offsets do not span the bytes")
+    if np.any(np.diff(offsets) < 0):
+        raise ValueError("the offsets decrease")
+    blob, bounds = data.tobytes(), offsets.tolist()
+    try:
+        return [blob[a:b].decode() for a, b in itertools.pairwise(bounds)]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"an id is not UTF-8 ({exc.reason})") from None
+
+
 def new_version() -> str:
     """A sortable, unique version name: UTC time to the millisecond."""
     now = time.time()
@@ -245,6 +278,8 @@ def save_artifact(
     missing = sorted((set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS)) - set(arrays))
     if missing:
         raise ArtifactError(f"artifact is missing arrays {missing}")
+    users = arrays.pop("user_ids")
+    arrays["user_id_bytes"], arrays["user_id_offsets"] = pack_ids(users)
     root = Path(root)
     chosen = version is not None
     version = version or new_version()
@@ -427,6 +462,9 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
         expected.update(WEIGHT_ARRAYS)
     if manifest["schema_version"] >= 3:
         expected.update(HISTORY_ARRAYS)
+    if manifest["schema_version"] >= 4:
+        del expected["user_ids"]
+        expected.update(USER_ID_ARRAYS)
     for name, dtype in expected.items():
         file = f"{name}.npy"
         entry = files.get(file)
@@ -447,6 +485,16 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
                 f"{entry['dtype']} {entry['shape']}"
             )
         arrays[name] = array
+    if "user_id_bytes" in arrays:
+        packed = arrays.pop("user_id_bytes"), arrays.pop("user_id_offsets")
+        try:
+            users = unpack_ids(*packed)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: the user ids cannot be read: {exc}") from None
+        arrays["user_ids"] = np.asarray(users, dtype=object)
+    else:
+        packed = pack_ids(arrays["user_ids"])
+    users_digest = hashlib.sha256(packed[1].tobytes() + packed[0].tobytes()).hexdigest()
     n_items, dim = arrays["item_table"].shape
     if arrays["item_vectors"].shape != (n_items, dim) or len(arrays["item_ids"]) != n_items:
         raise ArtifactError(f"{path}: item arrays disagree on the number of items or dimension")
@@ -458,7 +506,21 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
     for name, array in empty_history().items():
         arrays.setdefault(name, array)
     _check_history(path, arrays)
-    return Artifact(path=path, manifest=manifest, arrays=arrays)
+    return Artifact(path=path, manifest=manifest, arrays=arrays, users_digest=users_digest)
+
+
+def read_ids(path: Path) -> tuple[list[str], list[str]]:
+    """A version's (or a root's newest) external user and item ids, without loading the rest
+    (load generators and benchmarks need only these; nothing is verified)."""
+    path = resolve(path)
+    try:
+        items = [str(x) for x in np.load(path / "item_ids.npy", allow_pickle=False).tolist()]
+        if (path / "user_ids.npy").is_file():  # schemas 1-3
+            return np.load(path / "user_ids.npy", allow_pickle=False).tolist(), items
+        packed = [np.load(path / f"{name}.npy", allow_pickle=False) for name in USER_ID_ARRAYS]
+        return unpack_ids(*packed), items
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: the ids cannot be read: {exc}") from None
 
 
 def empty_history() -> dict[str, np.ndarray]:

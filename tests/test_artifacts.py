@@ -18,6 +18,7 @@ from server.artifacts import (
     MANIFEST,
     REQUIRED_ARRAYS,
     SCHEMA_VERSION,
+    USER_ID_ARRAYS,
     WEIGHT_ARRAYS,
     _sha256,
     list_versions,
@@ -82,7 +83,8 @@ def test_round_trip(saved: Path, root: Path) -> None:
     assert set(artifact.arrays) == set(REQUIRED_ARRAYS) | set(WEIGHT_ARRAYS) | set(HISTORY_ARRAYS)
     for name, array in _arrays().items():
         np.testing.assert_array_equal(artifact.arrays[name], array)
-        assert artifact.arrays[name].dtype == array.dtype
+        # User ids are stored packed and come back as str objects, not fixed-width unicode.
+        assert artifact.arrays[name].dtype == (object if name == "user_ids" else array.dtype)
     manifest = artifact.manifest
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["version"] == artifact.version == "20240101T000000000Z"
@@ -91,8 +93,8 @@ def test_round_trip(saved: Path, root: Path) -> None:
     for key, value in _manifest().items():
         assert manifest[key] == value
     assert "created_at" in manifest
-    every = (*REQUIRED_ARRAYS, *WEIGHT_ARRAYS, *HISTORY_ARRAYS)
-    assert set(manifest["files"]) == {f"{name}.npy" for name in every}
+    every = (*REQUIRED_ARRAYS, *WEIGHT_ARRAYS, *HISTORY_ARRAYS, *USER_ID_ARRAYS)
+    assert set(manifest["files"]) == {f"{name}.npy" for name in every if name != "user_ids"}
     assert len(artifact.arrays["log_seqs"]) == 0  # trained without a log: no logged events
     entry = manifest["files"]["item_table.npy"]
     assert entry["shape"] == [N_ITEMS, DIM]
@@ -176,15 +178,28 @@ def test_wrong_schema_version_is_refused(saved: Path, schema: object) -> None:
     _rewrite_manifest(saved, schema_version=schema)
     with pytest.raises(ArtifactError, match="schema_version") as caught:
         load_artifact(saved)
-    assert f"expected one of 1, 2, {SCHEMA_VERSION}" in caught.value.message
+    assert f"expected one of 1, 2, 3, {SCHEMA_VERSION}" in caught.value.message
 
 
 def _as_older_schema(version: Path, schema: int, added_since: list[str]) -> None:
-    """Rewrite a saved version as an older schema wrote it: without the arrays added since."""
+    """Rewrite a saved version as an older schema wrote it: without the arrays added since, and
+    (before schema 4) its user ids as one fixed-width unicode array."""
     manifest = json.loads((version / MANIFEST).read_text())
     for name in added_since:
         (version / f"{name}.npy").unlink()
         del manifest["files"][f"{name}.npy"]
+    if schema < 4:
+        packed = [np.load(version / f"{name}.npy") for name in USER_ID_ARRAYS]
+        users = np.asarray(artifacts.unpack_ids(*packed), dtype=str)
+        for name in USER_ID_ARRAYS:
+            (version / f"{name}.npy").unlink()
+            del manifest["files"][f"{name}.npy"]
+        np.save(version / "user_ids.npy", users, allow_pickle=False)
+        manifest["files"]["user_ids.npy"] = {
+            "sha256": _sha256(version / "user_ids.npy"),
+            "shape": list(users.shape),
+            "dtype": str(users.dtype),
+        }
     manifest["schema_version"] = schema
     (version / MANIFEST).write_text(json.dumps(manifest))
 
@@ -201,7 +216,7 @@ def test_schema_1_artifact_reads_as_unit_weights(saved: Path) -> None:
     unit["neg_weights"] = np.ones(2, np.float32)
     new = load_artifact(save_artifact(saved.parent, unit, _manifest(), version="unit"))
     weighted = load_artifact(save_artifact(saved.parent, _arrays(), _manifest(), version="w"))
-    assert new.graph_fingerprint == old.graph_fingerprint
+    assert new.graph_fingerprint == old.graph_fingerprint  # user ids stored either way
     assert weighted.graph_fingerprint != old.graph_fingerprint
 
 
@@ -229,6 +244,48 @@ def test_logged_events_round_trip(root: Path) -> None:
         np.testing.assert_array_equal(loaded.arrays[name], array)
     ids = loaded.arrays["log_id_bytes"].tobytes().decode()
     assert ids == "é-1evt-2日本-4"
+
+
+@pytest.mark.parametrize("schema", [3, 4])
+def test_user_ids_of_any_length_and_script_round_trip(root: Path, schema: int) -> None:
+    """Online user ids (up to 512 characters, any script, a NUL) come back exactly, and from
+    schema 4 one long id costs only its own bytes, not its length times every user."""
+    long_id = "x" * 512
+    users = [long_id, "é", "日本", "a\x00", *[str(u) for u in range(996)]]
+    arrays = {**_arrays(), "user_ids": np.asarray(users, dtype=object)}
+    saved = save_artifact(root, arrays, _manifest())
+    if schema == 3:
+        users[3] = "a"  # fixed-width unicode drops a trailing NUL
+        _as_older_schema(saved, 3, [])
+    loaded = load_artifact(saved)
+    assert loaded.arrays["user_ids"].tolist() == users
+    assert artifacts.read_ids(saved) == (users, [f"item-{i}" for i in range(N_ITEMS)])
+    size = sum((saved / f).stat().st_size for f in read_manifest(saved)["files"]
+               if f.startswith("user_id"))  # fmt: skip
+    if schema == 4:
+        assert size < 2 * sum(len(u.encode()) for u in users) + 8 * (len(users) + 1) + 512
+    else:
+        assert size >= 4 * 512 * len(users)  # what schema 4 avoids
+
+
+@pytest.mark.parametrize(
+    ("data", "offsets", "problem"),
+    [(b"abc", [0, 2, 1, 3], "decrease"), (b"abc", [0, 1, 4], "span"), (b"\xff", [0, 1], "UTF-8"),
+     (b"abc", [1, 3], "span")],
+)  # fmt: skip
+def test_user_ids_that_cannot_be_unpacked_are_refused(
+    root: Path, data: bytes, offsets: list[int], problem: str
+) -> None:
+    saved = save_artifact(root, _arrays(), _manifest())
+    manifest = json.loads((saved / MANIFEST).read_text())
+    for name, array in (("user_id_bytes", np.frombuffer(data, np.uint8)),
+                        ("user_id_offsets", np.asarray(offsets, np.int64))):  # fmt: skip
+        np.save(saved / f"{name}.npy", array, allow_pickle=False)
+        manifest["files"][f"{name}.npy"].update(sha256=_sha256(saved / f"{name}.npy"),
+                                                shape=list(array.shape))  # fmt: skip
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"the user ids cannot be read: .*{problem}"):
+        load_artifact(saved)
 
 
 def test_schema_2_artifact_reads_as_holding_no_logged_events(saved: Path) -> None:
