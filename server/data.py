@@ -241,9 +241,13 @@ class IdMap:
 
     def external(self, indices: np.ndarray) -> list[str]:
         """External ids for an array of dense indices (vectorised through a cached array)."""
+        return self.objects()[indices].tolist()
+
+    def objects(self) -> np.ndarray:
+        """The external ids as an object array of str: no fixed width, for ``pack_ids``."""
         if self._array is None:
             self._array = np.asarray(self._list, dtype=object)
-        return self._array[indices].tolist()
+        return self._array
 
     def to_array(self) -> np.ndarray:
         """The external ids as a unicode array, storable with ``allow_pickle=False``."""

@@ -607,7 +607,8 @@ def export(
         "item_vectors": item_vectors,
         "item_popularity": _popularity(graph),
         "item_ids": IdMap.dense(dataset.n_items).to_array(),
-        "user_ids": users.to_array(),
+        # Packed on save; as fixed-width unicode, one 512-character id cost 2 KB a user.
+        "user_ids": users.objects(),
         "pos_indptr": graph.pos_indptr,
         "pos_items": graph.pos_items,
         "neg_indptr": graph.neg_indptr,
