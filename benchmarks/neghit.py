@@ -25,6 +25,8 @@ then scores valid and test with two families of dislike avoidance on the selecte
   the list (per user, scaled by that user's expected ideal DCG) and P(like) orders them: NegHit@K
   does not depend on the order, while NDCG rewards likes on top, and a hit is worth less NDCG to a
   user with more positives to find. The expected count is ``SET_ALPHA`` x the user's train likes.
+- served learned (re-rank and set): the same, from what the server holds only: candidates and
+  scores from the factorised model, without the features that need the dense operators.
 
 A diagnostic asks whether dislikes are personal at all: the sign AUC of user and item dislike
 rates against a logistic matrix factorisation fitted on the train exposures.
@@ -235,11 +237,12 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     names |= {f"served, suppression {g:g}": {**served_meta, "gamma": g} for g in SUPPRESSION}
     names |= {f"t={t:g} a={a:g}": {"target": t, "propensity": a, "served": False}
               for t in targets for a in PROPENSITY}  # fmt: skip
-    names |= {f"learned lambda={lam:g}": {"target": own, "propensity": 0.0, "served": False,
-                                          "learned": lam} for lam in LEARNED}  # fmt: skip
-    names |= {f"learned set lambda={lam:g}": {"target": own, "propensity": 0.0,
-                                              "served": False, "learned_set": lam}
-              for lam in LEARNED_SET}  # fmt: skip
+    for family, served in (("learned", False), ("served learned", True)):
+        # "served": its base and features are what the server holds (factorised scores).
+        meta = {"target": own, "propensity": 0.0, "served": served}
+        names |= {f"{family} lambda={lam:g}": {**meta, "learned": lam} for lam in LEARNED}
+        names |= {f"{family} set lambda={lam:g}": {**meta, "learned_set": lam}
+                  for lam in LEARNED_SET}  # fmt: skip
     likes = np.diff(graph.pos_indptr).astype(np.float64)
     dcg = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, max(KS) + 2)))])
     ideal = dcg[np.clip(np.rint(SET_ALPHA * likes), 1, max(KS)).astype(np.int64)]
@@ -247,70 +250,100 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     activity = np.log1p(np.asarray((positive + negative).sum(axis=1)).ravel())
     popularity = np.log1p(np.asarray((positive + negative).sum(axis=0)).ravel())
 
-    def candidates(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The own-target model's top CANDIDATES unseen items per user, and its full scores."""
-        base = np.asarray(z[users] @ operator)
-        m = masked[users].tocoo()
-        base[m.row, m.col] = -np.inf
-        return top_k(base, CANDIDATES), base
+    def unfactorised(users: np.ndarray) -> np.ndarray:
+        return np.asarray(z[users] @ operator)
 
-    def features(users: np.ndarray, cands: np.ndarray) -> np.ndarray:
-        rows = np.arange(len(users))[:, None]
-        base = np.asarray(z[users] @ operator)
-        top = np.abs(base[rows, cands[:, :1]])
-        top[top == 0] = 1.0
-        score = base[rows, cands] / top
-        columns = [
-            score,
-            np.log(np.maximum(score, 1e-3)),
-            np.broadcast_to(1.0 / np.log2(np.arange(2, cands.shape[1] + 2)), score.shape),
-            item_logit[cands],
-            np.broadcast_to(user_logit[users][:, None], score.shape),
-            item_logit[cands] * user_logit[users][:, None],
-            np.asarray(z[users] @ b_pos)[rows, cands] / top,
-            np.asarray(z[users] @ b_neg)[rows, cands] / top,
-            dislike_penalty(unit, negative[users])[rows, cands],
-            dislike_penalty(unit, positive[users])[rows, cands],
-            popularity[cands],
-            np.broadcast_to(activity[users][:, None], score.shape),
-        ]
-        return np.stack(columns, axis=-1).astype(np.float32)
+    def factorised(users: np.ndarray) -> np.ndarray:
+        return np.asarray((z[users] @ item_table) @ item_vectors.T)
 
-    reranker = Reranker(features)
+    def top_unseen(score: Callable[[np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
+        """A base's top CANDIDATES unseen items per user."""
+
+        def candidates(users: np.ndarray) -> np.ndarray:
+            base = score(users)
+            m = masked[users].tocoo()
+            base[m.row, m.col] = -np.inf
+            return top_k(base, CANDIDATES)
+
+        return candidates
+
+    def columns(
+        score: Callable[[np.ndarray], np.ndarray], offline: bool
+    ) -> Callable[..., np.ndarray]:
+        """Re-ranker features over a base's candidates; ``offline`` adds what only the dense
+        operators give (the like- and dislike-target scores, the cosine to train likes)."""
+
+        def features(users: np.ndarray, cands: np.ndarray) -> np.ndarray:
+            rows = np.arange(len(users))[:, None]
+            base = score(users)
+            top = np.abs(base[rows, cands[:, :1]])
+            top[top == 0] = 1.0
+            relative = base[rows, cands] / top
+            shape = relative.shape
+            out = [
+                relative,
+                np.log(np.maximum(relative, 1e-3)),
+                np.broadcast_to(1.0 / np.log2(np.arange(2, cands.shape[1] + 2)), shape),
+                item_logit[cands],
+                np.broadcast_to(user_logit[users][:, None], shape),
+                item_logit[cands] * user_logit[users][:, None],
+                dislike_penalty(unit, negative[users])[rows, cands],
+                popularity[cands],
+                np.broadcast_to(activity[users][:, None], shape),
+            ]
+            if offline:
+                out += [
+                    np.asarray(z[users] @ b_pos)[rows, cands] / top,
+                    np.asarray(z[users] @ b_neg)[rows, cands] / top,
+                    dislike_penalty(unit, positive[users])[rows, cands],
+                ]
+            return np.stack(out, axis=-1).astype(np.float32)
+
+        return features
+
     fitted = np.unique(dataset.valid.users).astype(np.int64)
-    fitted_cands = candidates(fitted)[0]
-    reranker.fit(fitted, fitted_cands, valid)
     # Cross-fitting: the fold models score valid users they were not fitted on.
     fold_of = np.full(dataset.n_users, -1, dtype=np.int64)
     fold_of[fitted] = np.random.default_rng(FOLD_SEED).integers(0, FOLDS, len(fitted))
-    folds = []
-    for fold in range(FOLDS):
-        held = fold_of[fitted] == fold
-        model = Reranker(features)
-        model.fit(fitted[~held], fitted_cands[~held], valid)
-        folds.append(model)
-        progress(f"{dataset.name}: re-ranker fold {fold + 1}/{FOLDS} fitted")
-
-    def out_of_fold(users: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """P(like), P(dislike) of valid users from the fold models that did not see them."""
-        like = np.zeros(cands.shape, np.float32)
-        dislike = np.zeros(cands.shape, np.float32)
-        for fold, model in enumerate(folds):
-            rows = np.flatnonzero(fold_of[users] == fold)
-            if rows.size:
-                like[rows], dislike[rows] = model.predict(users[rows], cands[rows])
-        return like, dislike
-
-    oof_like, oof_dislike = out_of_fold(fitted, fitted_cands)
-    liked, disliked = candidate_labels(valid, fitted, fitted_cands)
-    exposed = liked | disliked
-    share = oof_dislike / np.maximum(oof_like + oof_dislike, 1e-12)
-    diagnostics = {
-        "sign_auc_valid": reranker.sign_auc(fitted, fitted_cands, valid),
-        "sign_auc_valid_cross_fitted": auc(share[exposed], disliked[exposed]),
+    families = {
+        "learned": (top_unseen(unfactorised), columns(unfactorised, offline=True)),
+        "served learned": (top_unseen(factorised), columns(factorised, offline=False)),
     }
+    rerankers: dict[str, tuple[Callable[..., np.ndarray], Reranker, Predict]] = {}
+    diagnostics: dict[str, float] = {}
+    for family, (candidates, features) in families.items():
+        fitted_cands = candidates(fitted)
+        reranker = Reranker(features)
+        reranker.fit(fitted, fitted_cands, valid)
+        folds = []
+        for fold in range(FOLDS):
+            held = fold_of[fitted] == fold
+            model = Reranker(features)
+            model.fit(fitted[~held], fitted_cands[~held], valid)
+            folds.append(model)
+            progress(f"{dataset.name}: {family} re-ranker fold {fold + 1}/{FOLDS} fitted")
 
-    def variants(users: np.ndarray, predict: Predict) -> dict[str, np.ndarray]:
+        def out_of_fold(users: np.ndarray, cands: np.ndarray, folds: list[Reranker] = folds
+                        ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+            """P(like), P(dislike) of valid users from the fold models that did not see them."""
+            like = np.zeros(cands.shape, np.float32)
+            dislike = np.zeros(cands.shape, np.float32)
+            for fold, model in enumerate(folds):
+                rows = np.flatnonzero(fold_of[users] == fold)
+                if rows.size:
+                    like[rows], dislike[rows] = model.predict(users[rows], cands[rows])
+            return like, dislike
+
+        rerankers[family] = (candidates, reranker, out_of_fold)
+        oof_like, oof_dislike = out_of_fold(fitted, fitted_cands)
+        liked, disliked = candidate_labels(valid, fitted, fitted_cands)
+        exposed = liked | disliked
+        share = oof_dislike / np.maximum(oof_like + oof_dislike, 1e-12)
+        key = "" if family == "learned" else "served_"
+        diagnostics[f"{key}sign_auc_valid"] = reranker.sign_auc(fitted, fitted_cands, valid)
+        diagnostics[f"{key}sign_auc_valid_cross_fitted"] = auc(share[exposed], disliked[exposed])
+
+    def variants(users: np.ndarray, split: str) -> dict[str, np.ndarray]:
         base = np.asarray(z[users] @ operator)
         neg = np.asarray(z[users] @ b_neg)
         logits = user_logit[users][:, None] + item_logit[None, :] - mean_logit
@@ -323,26 +356,27 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
             scores = normalise_rows(base + (t - own) * neg)
             for a in PROPENSITY:
                 out[f"t={t:g} a={a:g}"] = scores * keep**a if a else scores
-        cands = candidates(users)[0]
-        like, dislike = predict(users, cands)
         rows = np.arange(len(users))[:, None]
-        for lam in LEARNED:
-            learned = np.full(base.shape, -np.inf, np.float32)
-            learned[rows, cands] = like - lam * dislike
-            out[f"learned lambda={lam:g}"] = learned
-        for lam in LEARNED_SET:
-            chosen = top_k(like - (lam * ideal[users])[:, None] * dislike, max(KS))
-            ordered = np.full(base.shape, -np.inf, np.float32)
-            ordered[rows, cands] = like - 2.0  # probabilities: the chosen K stay above the rest
-            ordered[rows, cands[rows, chosen]] = like[rows, chosen] + 2.0
-            out[f"learned set lambda={lam:g}"] = ordered
+        for family, (candidates, reranker, out_of_fold) in rerankers.items():
+            cands = candidates(users)
+            predict = out_of_fold if split == "valid" else reranker.predict
+            like, dislike = predict(users, cands)
+            for lam in LEARNED:
+                learned = np.full(base.shape, -np.inf, np.float32)
+                learned[rows, cands] = like - lam * dislike
+                out[f"{family} lambda={lam:g}"] = learned
+            for lam in LEARNED_SET:
+                chosen = top_k(like - (lam * ideal[users])[:, None] * dislike, max(KS))
+                ordered = np.full(base.shape, -np.inf, np.float32)
+                ordered[rows, cands] = like - 2.0  # probabilities: the chosen K stay on top
+                ordered[rows, cands[rows, chosen]] = like[rows, chosen] + 2.0
+                out[f"{family} set lambda={lam:g}"] = ordered
         return out
 
     results = {
-        split: evaluate_variants(lambda users, p=predict: variants(users, p), truth, masked)
-        for split, truth, predict in (("valid", valid, out_of_fold),
-                                      ("test", test, reranker.predict))
-    }  # fmt: skip
+        split: evaluate_variants(lambda users, s=split: variants(users, s), truth, masked)
+        for split, truth in (("valid", valid), ("test", test))
+    }
     rows = [
         {"variant": name, **names[name], "valid": results["valid"][name],
          "test": results["test"][name]}
@@ -350,8 +384,10 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     ]  # fmt: skip
     # The re-ranker's sign AUC on test exposures among candidates (out of sample).
     users = np.unique(dataset.test.users).astype(np.int64)
-    cands = candidates(users)[0]
-    diagnostics["sign_auc_test"] = reranker.sign_auc(users, cands, test)
+    for family, (candidates, reranker, _) in rerankers.items():
+        key = "" if family == "learned" else "served_"
+        diagnostics[f"{key}sign_auc_test"] = reranker.sign_auc(users, candidates(users), test)
+    cands = rerankers["learned"][0](users)
     liked, disliked = candidate_labels(test, users, cands)
     exposed = liked | disliked
     diagnostics["sign_auc_test_item_logit_only"] = auc(
@@ -421,7 +457,10 @@ def markdown(record: dict[str, Any]) -> str:
         f"fitted on valid (its valid figures cross-fitted over {FOLDS} folds of valid users, "
         "so out of sample); `learned set lambda` uses the "
         "same probabilities to pick each user's 20 (lambda scaled by the user's expected ideal "
-        f"DCG, from {SET_ALPHA:g} x its train likes) and orders them by P(like). *both* marks "
+        f"DCG, from {SET_ALPHA:g} x its train likes) and orders them by P(like). `served "
+        "learned` is the same re-ranker built only from what the server holds: candidates and "
+        "scores from the factorised model, and no feature from the dense operators (no like- "
+        "or dislike-target score, no cosine to train likes). *both* marks "
         "test NDCG@20 above EASE's and at least SIGformer's, and NegHit@20 at most "
         "LightGCN's: the bars of issue 3 that pull against each other.",
     ]
@@ -455,6 +494,12 @@ def markdown(record: dict[str, Any]) -> str:
                 f"test {d['sign_auc_test']:.3f}; the item's dislike rate alone, test "
                 f"{d['sign_auc_test_item_logit_only']:.3f}.",
             ]
+            if "served_sign_auc_test" in d:
+                lines[-1] += (
+                    " The served-features re-ranker: valid cross-fitted "
+                    f"{d['served_sign_auc_valid_cross_fitted']:.3f}, test "
+                    f"{d['served_sign_auc_test']:.3f}."
+                )
         if "sign_auc_test_mf0" in ds.get("reranker", {}):
             d = ds["reranker"]
             gain = d[f"sign_auc_test_mf{SIGN_MF_DIM}"] - d["sign_auc_test_mf0"]
@@ -496,15 +541,19 @@ def plot(record: dict[str, Any], path: Path) -> None:
     datasets = record["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
     for ax, (name, ds) in zip(axes[0], datasets.items(), strict=True):
-        learned = sorted((r for r in ds["rows"] if "learned" in r), key=lambda r: r["learned"])
-        ax.plot([r["test"]["neghit@20"] for r in learned],
-                [r["test"]["ndcg@20"] for r in learned], marker="s", color="purple",
-                label="learned re-rank (lambda varies)")  # fmt: skip
-        chosen = sorted((r for r in ds["rows"] if "learned_set" in r),
-                        key=lambda r: r["learned_set"])  # fmt: skip
-        ax.plot([r["test"]["neghit@20"] for r in chosen],
-                [r["test"]["ndcg@20"] for r in chosen], marker="D", color="darkorange",
-                label="learned set, per-user lambda, ordered by P(like)")  # fmt: skip
+        styles = (("learned", False, "purple", "darkorange", "dense operators"),
+                  ("served learned", True, "teal", "crimson", "served factors"))  # fmt: skip
+        for _, served, line, set_line, base in styles:
+            family = [r for r in ds["rows"] if r["served"] == served]
+            learned = sorted((r for r in family if "learned" in r), key=lambda r: r["learned"])
+            ax.plot([r["test"]["neghit@20"] for r in learned],
+                    [r["test"]["ndcg@20"] for r in learned], marker="s", color=line,
+                    label=f"learned re-rank, {base} (lambda varies)")  # fmt: skip
+            chosen = sorted((r for r in family if "learned_set" in r),
+                            key=lambda r: r["learned_set"])  # fmt: skip
+            ax.plot([r["test"]["neghit@20"] for r in chosen],
+                    [r["test"]["ndcg@20"] for r in chosen], marker="D", color=set_line,
+                    label=f"learned set, {base}, ordered by P(like)")  # fmt: skip
         for a in PROPENSITY:
             rows = sorted((r for r in ds["rows"]
                            if not r["served"] and "learned" not in r and "learned_set" not in r
@@ -512,7 +561,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
                           key=lambda r: r["target"])  # fmt: skip
             ax.plot([r["test"]["neghit@20"] for r in rows], [r["test"]["ndcg@20"] for r in rows],
                     marker="o", label=f"propensity a={a:g} (t varies)")  # fmt: skip
-        served = [r for r in ds["rows"] if r["served"]]
+        served = [r for r in ds["rows"]
+                  if r["served"] and "learned" not in r and "learned_set" not in r]  # fmt: skip
         ax.scatter([r["test"]["neghit@20"] for r in served],
                    [r["test"]["ndcg@20"] for r in served], marker="*", s=160, color="black",
                    label="served (rank-dim factors)", zorder=5)  # fmt: skip
