@@ -542,7 +542,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
     for ax, (name, ds) in zip(axes[0], datasets.items(), strict=True):
         styles = (("learned", False, "purple", "darkorange", "dense operators"),
-                  ("served learned", True, "teal", "crimson", "served factors"))  # fmt: skip
+                  ("served learned", True, "teal", "deeppink", "served factors"))  # fmt: skip
         for _, served, line, set_line, base in styles:
             family = [r for r in ds["rows"] if r["served"] == served]
             learned = sorted((r for r in family if "learned" in r), key=lambda r: r["learned"])
@@ -553,6 +553,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
                             key=lambda r: r["learned_set"])  # fmt: skip
             ax.plot([r["test"]["neghit@20"] for r in chosen],
                     [r["test"]["ndcg@20"] for r in chosen], marker="D", color=set_line,
+                    linestyle="--" if served else "-",
                     label=f"learned set, {base}, ordered by P(like)")  # fmt: skip
         for a in PROPENSITY:
             rows = sorted((r for r in ds["rows"]
