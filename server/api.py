@@ -376,7 +376,8 @@ async def model(request: Request) -> ModelOut:
 async def reload_model(request: Request) -> ModelOut:
     """Swap in the newest (or a named) version while requests keep flowing."""
     service = _service(request)
-    service.guard.check("admin", request.headers, _client(request))
+    # Admin calls spend from the caller's bucket like any other: a reload loads a whole version.
+    service.limiter.take(service.guard.check("admin", request.headers, _client(request)))
     body = await request.body()
     wanted = _decode(RELOAD_DECODER, body) if body.strip() else ReloadIn()
     await service.switch(wanted.version)
@@ -387,7 +388,7 @@ async def reload_model(request: Request) -> ModelOut:
 async def rollback_model(request: Request) -> ModelOut:
     """Go back to the version that was active before the last reload."""
     service = _service(request)
-    service.guard.check("admin", request.headers, _client(request))
+    service.limiter.take(service.guard.check("admin", request.headers, _client(request)))
     await service.switch(None, rollback=True)
     return service.describe()
 

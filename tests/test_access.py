@@ -438,6 +438,9 @@ def test_http_rate_limit_429_with_retry_after(strict: Server) -> None:
     response = strict.client.post("/v1/feedback", content=_body("acc-limited"), headers=admin)
     _assert_error(response, 429, "rate_limited")
     assert "retry-after" in response.headers
+    # So do the admin routes (a reload loads a whole version).
+    for path in ("/v1/admin/model/reload", "/v1/admin/model/rollback"):
+        _assert_error(strict.client.post(path, headers=admin), 429, "rate_limited")
     # Nothing was logged.
     writer = {"x-api-key": "k-w"}
     assert strict.client.get("/v1/users/acc-limited/history", headers=writer).status_code == 404
