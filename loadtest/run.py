@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,10 +119,16 @@ class Sampler(threading.Thread):
             self.rss.append(self.proc.memory_info().rss / 2**20)
 
     def result(self) -> tuple[float, float]:
+        """The step's steady CPU% (see ``steady_cpu``) and its peak RSS in MiB."""
         self.stop_flag.set()
         self.join()
-        cpu = sum(self.cpu) / len(self.cpu) if self.cpu else math.nan
-        return cpu, max(self.rss, default=math.nan)
+        return steady_cpu(self.cpu), max(self.rss, default=math.nan)
+
+
+def steady_cpu(samples: list[float]) -> float:
+    """The median of a step's 1 s CPU samples: the seconds while Locust starts and stops send
+    nothing, and a mean over them understated the server's share under load."""
+    return statistics.median(samples) if samples else math.nan
 
 
 def run_step(
@@ -289,7 +296,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         f"Code: {payload['git']}.  ",
         f"Each step held {args.duration} s; a step *holds* when p99 < {P99_BAR_MS:.0f} ms, "
         f"0 failures and achieved >= {ACHIEVED_SHARE:.0%} of offered. Server and Locust CPU are "
-        "each in % of one core (the machine has "
+        "each in % of one core (server: the median of 1 s samples over the step; the machine has "
         f"{cores} cores for both). *memo hits*: share of ranked "
         "recommendation requests answered from the per-user ranking memo, which is exact (a "
         "user's entry is dropped on that user's next event and on every model swap; "

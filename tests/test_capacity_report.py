@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,11 @@ def test_a_step_failed_on_a_saturated_machine_is_flagged(
     assert "1000/s failed" not in text
     saturated = [(s["target"], s["offered_rps"]) for s in payload["saturated_failed_steps"]]
     assert saturated == [("mixed", 4500), ("healthz", 5500)]
+
+
+def test_server_cpu_is_the_steady_share_not_diluted_by_locusts_idle_seconds() -> None:
+    """Two idle seconds while Locust starts and one while it stops leave a 60 s step at 80%."""
+    samples = [0.0, 0.0, *[80.0] * 57, 0.0]
+    assert capacity.steady_cpu(samples) == 80.0
+    assert sum(samples) / len(samples) == 76.0  # what the mean reported
+    assert math.isnan(capacity.steady_cpu([]))  # no sample taken
