@@ -136,3 +136,32 @@ def test_searches_deeper_than_the_gpu_limit_use_the_cpu_copy() -> None:
         np.testing.assert_array_equal(ids, exact[1][:, :k])
         np.testing.assert_allclose(scores, exact[0][:, :k], rtol=1e-6)
     assert shallow.calls == 1  # k = 16 on the "GPU", k = 40 on the CPU copy
+
+
+@pytest.fixture
+def gpu_without_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose faiss sees a GPU but, like faiss >= 1.8, throws when asked to move an index
+    kind it has no GPU version of (HNSW). The real GPU path is checked on a GPU machine."""
+
+    def to_gpu(resources: object, device: int, index: faiss.Index) -> faiss.Index:
+        if isinstance(index, faiss.IndexHNSW):
+            raise RuntimeError("index type not supported on GPU")
+        return index
+
+    monkeypatch.setattr("server.index.gpu_count", lambda: (1, "1 GPU"))
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)  # absent in faiss-cpu
+
+
+@pytest.mark.usefixtures("gpu_without_hnsw")
+def test_an_index_kind_faiss_cannot_put_on_the_gpu_stays_on_the_cpu_under_auto() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((64, 8)).astype(np.float32)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    index = ItemIndex(vectors, IndexConfig(kind="hnsw", device="auto"))
+    assert index.device == "cpu"
+    exact = ItemIndex(vectors, IndexConfig(kind="flat", device="cpu")).search(queries, 64)
+    np.testing.assert_array_equal(np.sort(index.search(queries, 64)[1]), np.sort(exact[1]))
+    assert ItemIndex(vectors, IndexConfig(kind="flat", device="auto")).device == "gpu"
+    with pytest.raises(ConfigError, match=r"index\.device=gpu but faiss cannot put a hnsw index"):
+        ItemIndex(vectors, IndexConfig(kind="hnsw", device="gpu"))
