@@ -305,13 +305,14 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     # Cross-fitting: the fold models score valid users they were not fitted on.
     fold_of = np.full(dataset.n_users, -1, dtype=np.int64)
     fold_of[fitted] = np.random.default_rng(FOLD_SEED).integers(0, FOLDS, len(fitted))
+    # Each family: its diagnostics' key prefix, candidates and features.
     families = {
-        "learned": (top_unseen(unfactorised), columns(unfactorised, offline=True)),
-        "served learned": (top_unseen(factorised), columns(factorised, offline=False)),
+        "learned": ("", top_unseen(unfactorised), columns(unfactorised, offline=True)),
+        "served learned": ("served_", top_unseen(factorised), columns(factorised, offline=False)),
     }
     rerankers: dict[str, tuple[Callable[..., np.ndarray], Reranker, Predict]] = {}
     diagnostics: dict[str, float] = {}
-    for family, (candidates, features) in families.items():
+    for family, (key, candidates, features) in families.items():
         fitted_cands = candidates(fitted)
         reranker = Reranker(features)
         reranker.fit(fitted, fitted_cands, valid)
@@ -339,7 +340,6 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
         liked, disliked = candidate_labels(valid, fitted, fitted_cands)
         exposed = liked | disliked
         share = oof_dislike / np.maximum(oof_like + oof_dislike, 1e-12)
-        key = "" if family == "learned" else "served_"
         diagnostics[f"{key}sign_auc_valid"] = reranker.sign_auc(fitted, fitted_cands, valid)
         diagnostics[f"{key}sign_auc_valid_cross_fitted"] = auc(share[exposed], disliked[exposed])
 
@@ -385,7 +385,7 @@ def frontier(data: Path, threshold: float, config: ModelConfig) -> dict[str, Any
     # The re-ranker's sign AUC on test exposures among candidates (out of sample).
     users = np.unique(dataset.test.users).astype(np.int64)
     for family, (candidates, reranker, _) in rerankers.items():
-        key = "" if family == "learned" else "served_"
+        key = families[family][0]
         diagnostics[f"{key}sign_auc_test"] = reranker.sign_auc(users, candidates(users), test)
     cands = rerankers["learned"][0](users)
     liked, disliked = candidate_labels(test, users, cands)

@@ -78,14 +78,14 @@ class ItemIndex:
                     resources = faiss.StandardGpuResources()
                     index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
                 except RuntimeError as exc:  # faiss has no GPU version of some kinds (HNSW)
-                    count, reason = 0, f"faiss cannot put a {self.kind} index on the GPU ({exc})"
+                    reason = f"faiss cannot put a {self.kind} index on the GPU ({exc})"
                 else:
                     self._gpu_resources = resources
                     self.device = "gpu"
                     self._max_k = config.gpu_max_k
-            if count == 0 and config.device == "gpu":
-                raise ConfigError(f"index.device=gpu but {reason}")
-            if count == 0:
+            if self.device == "cpu":
+                if config.device == "gpu":
+                    raise ConfigError(f"index.device=gpu but {reason}")
                 log.info("faiss index %s on CPU: %s", name, reason)
         log.info(
             "faiss %s index %s: %d x %d on %s", self.kind, name, self.size, self.dim, self.device
