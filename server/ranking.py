@@ -57,6 +57,20 @@ def candidates(
     return scores, ids
 
 
+def popular_pool(
+    order: np.ndarray, order_scores: np.ndarray, seen: np.ndarray, k: int, config: RankingConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The most popular items as every row's candidates, each row's pool as deep as
+    :func:`candidates` would search it (ids beyond it -1), best first."""
+    base = max(config.candidate_min, k * config.candidate_multiplier)
+    pool = np.minimum(base + np.maximum(seen, config.exclusion_pad), len(order))
+    depth = int(pool.max()) if len(pool) else 0
+    ids = np.broadcast_to(order[:depth].astype(np.int64), (len(seen), depth)).copy()
+    ids[np.arange(depth)[None, :] >= pool[:, None]] = -1
+    scores = np.broadcast_to(order_scores[:depth], (len(seen), depth))
+    return np.ascontiguousarray(scores, dtype=np.float32), ids
+
+
 def rank(
     index: ItemIndex,
     unit_vectors: np.ndarray,
@@ -76,6 +90,23 @@ def rank(
     rows' dislike-rate ``user_logits`` and the item rates of ``propensity``.
     """
     scores, ids = candidates(index, queries, np.diff(excluded.indptr), k, config)
+    return rank_pool(scores, ids, unit_vectors, excluded, disliked, k, gamma, propensity,
+                     user_logits, beta)  # fmt: skip
+
+
+def rank_pool(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    unit_vectors: np.ndarray,
+    excluded: Ragged,
+    disliked: Ragged,
+    k: int,
+    gamma: float,
+    propensity: Propensity | None = None,
+    user_logits: np.ndarray | None = None,
+    beta: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rank` over given candidate pools (rows best first, -1 past each row's pool)."""
     # Scores are relative to each query's best candidate, so gamma means the same for every
     # user regardless of how much history (and so vector norm) they have.
     top = np.abs(scores[:, :1])

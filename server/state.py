@@ -40,7 +40,7 @@ from server.events import (
 from server.feedback import rating_strength, strengths_by_kind
 from server.index import ItemIndex
 from server.propensity import Propensity
-from server.ranking import Ragged, rank
+from server.ranking import Ragged, candidates, popular_pool, rank_pool
 
 log = logging.getLogger("signedrec.state")
 
@@ -833,53 +833,67 @@ class LiveState:
             else:
                 known.append(user)
                 positions.append(position)
-        queries = self.vectors[np.asarray(known, dtype=np.int64)]
-        # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0) scores
-        # every item 0: FAISS would answer in id order. Popularity is the answer.
-        zero = ~queries.any(axis=1)
-        if zero.any():
-            for row in np.flatnonzero(zero).tolist():
-                position = positions[row]
-                out[position] = self.popular(k, user_ids[position], include_liked)
-            keep_rows = np.flatnonzero(~zero).tolist()
-            known = [known[row] for row in keep_rows]
-            positions = [positions[row] for row in keep_rows]
-            queries = queries[~zero]
         if known:
-            side = self.item_side
-            excluded: list[np.ndarray] = []
-            disliked: list[np.ndarray] = []
-            counts = np.empty((len(known), 2), np.float64)
-            keep_seen = self.config.ranking.exclude_seen and not include_liked
-            for row, user in enumerate(known):
-                seen, every_dislike, negative, counts[row] = self._seen_and_negative(user)
-                excluded.append(seen if keep_seen else every_dislike)
-                disliked.append(negative)
-            ids, scores = rank(
-                side.index,
-                side.unit,
-                queries,
-                Ragged.from_lists(excluded),
-                Ragged.from_lists(disliked),
-                k,
-                side.gamma,
-                self.config.ranking,
-                side.propensity,
-                side.propensity.user_logit(counts[:, 0], counts[:, 1]) if side.beta else None,
-                side.beta,
-            )
-            item_map = side.items
-            for row, position in enumerate(positions):
-                keep = ids[row] >= 0
-                kept_ids = ids[row][keep].astype(np.int32)
-                kept_scores = scores[row][keep].astype(np.float32)
-                out[position] = Recommendation(
-                    item_map.external(kept_ids), kept_scores.tolist(), False, self.item_side.version
-                )
-                # Packed (8 bytes an item): Python lists of ids and floats took ~49 bytes an item.
-                packed = np.concatenate([kept_ids, kept_scores.view(np.int32)]).tobytes()
-                self.cache.put(known[row], variant, packed)
+            self._rank_known(known, positions, k, include_liked, out)
         return [r for r in out if r is not None]
+
+    def _rank_known(
+        self,
+        known: list[int],
+        positions: list[int],
+        k: int,
+        include_liked: bool,
+        out: list[Recommendation | None],
+    ) -> None:
+        """Rank users the state holds feedback or a trained row for, into ``out[positions]``.
+
+        A user with no like yet (only dislikes or skips) is ranked from the popularity list,
+        with the same exclusion, look-alike suppression and dislike propensity: the model folds
+        a dislike in as weak interest (``neg_weight`` > 0), so its vector alone would put the
+        disliked item's neighbours on top, as a like would.
+        """
+        side = self.item_side
+        queries = self.vectors[np.asarray(known, dtype=np.int64)]
+        excluded: list[np.ndarray] = []
+        disliked: list[np.ndarray] = []
+        counts = np.empty((len(known), 2), np.float64)
+        keep_seen = self.config.ranking.exclude_seen and not include_liked
+        for row, user in enumerate(known):
+            seen, every_dislike, negative, counts[row] = self._seen_and_negative(user)
+            excluded.append(seen if keep_seen else every_dislike)
+            disliked.append(negative)
+        # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0) would
+        # score every item 0 and FAISS answer in id order: popularity is the answer there too.
+        personal = (counts[:, 0] > 0) & queries.any(axis=1)
+        for is_personal in (True, False):
+            rows = np.flatnonzero(personal == is_personal)
+            if not rows.size:
+                continue
+            excl = Ragged.from_lists([excluded[r] for r in rows])
+            neg = Ragged.from_lists([disliked[r] for r in rows])
+            logits = (side.propensity.user_logit(counts[rows, 0], counts[rows, 1])
+                      if side.beta else None)  # fmt: skip
+            if is_personal:
+                pool = candidates(side.index, np.ascontiguousarray(queries[rows]),
+                                  np.diff(excl.indptr), k, self.config.ranking)  # fmt: skip
+            else:
+                pool = popular_pool(side.popular, side.popular_scores, np.diff(excl.indptr), k,
+                                    self.config.ranking)  # fmt: skip
+            ids, scores = rank_pool(*pool, side.unit, excl, neg, k, side.gamma, side.propensity,
+                                    logits, side.beta)  # fmt: skip
+            for row, (r_ids, r_scores) in zip(rows.tolist(), zip(ids, scores, strict=True),
+                                               strict=True):  # fmt: skip
+                keep = r_ids >= 0
+                kept_ids = r_ids[keep].astype(np.int32)
+                kept_scores = r_scores[keep].astype(np.float32)
+                out[positions[row]] = Recommendation(
+                    side.items.external(kept_ids), kept_scores.tolist(), not is_personal,
+                    side.version,
+                )  # fmt: skip
+                if is_personal:
+                    # Packed (8 bytes an item): lists of ids and floats took ~49 bytes an item.
+                    packed = np.concatenate([kept_ids, kept_scores.view(np.int32)]).tobytes()
+                    self.cache.put(known[row], (k, include_liked), packed)
 
     def _unpack(self, packed: bytes) -> Recommendation:
         """A memoised ranking back as a Recommendation (ids, then float32 scores)."""

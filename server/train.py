@@ -188,19 +188,39 @@ def user_propensity_logits(graph: SignedGraph, propensity: Propensity) -> np.nda
     return propensity.user_logit(*graph.user_degrees())
 
 
+def likes_per_user(graph: SignedGraph) -> np.ndarray:
+    """How many likes each user of the graph has (0: ranked from popularity when served)."""
+    positive, _ = graph.matrices()
+    return np.diff(positive.indptr)
+
+
+def popular_when_no_like(
+    scores: np.ndarray, likes: np.ndarray, popularity: np.ndarray
+) -> np.ndarray:
+    """Rows of users without a like (or with all-zero scores) replaced by item popularity, as
+    the server ranks them: a vector folded from dislikes alone puts their neighbours on top."""
+    cold = (likes == 0) | ~scores.any(axis=1)
+    if cold.any():
+        scores = scores.copy()
+        scores[cold] = popularity
+    return scores
+
+
 def served_scores(
     item_table: np.ndarray, item_vectors: np.ndarray, graph: SignedGraph, neg_weight: float,
-    gamma: float, beta: float, prior: float,
+    gamma: float, beta: float, prior: float, popularity: np.ndarray,
 ) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
     """Score rows as the server ranks them: suppression and dislike propensity included.
 
-    Normalised model scores, minus gamma x the largest cosine to the user's dislikes, minus beta
-    x P(the user dislikes the item) with rates smoothed by ``prior`` pseudo-ratings. Offline the
-    user's dislikes are all of its train dislikes (the server uses its most recent
-    ``ranking.suppression_recent``); with ``gamma`` and ``beta`` 0 this is the model's ranking.
+    Normalised model scores (``popularity`` for users without a like), minus gamma x the
+    largest cosine to the user's dislikes, minus beta x P(the user dislikes the item) with rates
+    smoothed by ``prior`` pseudo-ratings. Offline the user's dislikes are all of its train
+    dislikes (the server uses its most recent ``ranking.suppression_recent``); with ``gamma``
+    and ``beta`` 0 this is the model's ranking, but for users without a like.
     """
     z = graph.signed_input(neg_weight)
     _, negatives = graph.matrices()
+    likes = likes_per_user(graph)
     unit = unit_rows(item_vectors)
     if beta:
         propensity = graph_propensity(graph, prior)
@@ -208,7 +228,8 @@ def served_scores(
         every_item = np.arange(item_vectors.shape[0])
 
     def score(users: np.ndarray) -> np.ndarray:
-        scores = normalise_rows((z[users] @ item_table) @ item_vectors.T)
+        raw = (z[users] @ item_table) @ item_vectors.T
+        scores = normalise_rows(popular_when_no_like(raw, likes[users], popularity))
         if gamma:
             scores -= gamma * dislike_penalty(unit, negatives[users])
         if beta:
@@ -228,7 +249,8 @@ def artifact_served_scores(
     prior = float(ranking.get("propensity_prior", ModelConfig().propensity_prior))
     arrays = artifact.arrays
     return served_scores(arrays["item_table"], arrays["item_vectors"], graph, artifact.neg_weight,
-                         float(ranking["suppression_gamma"]), beta, prior)  # fmt: skip
+                         float(ranking["suppression_gamma"]), beta, prior,
+                         arrays["item_popularity"])  # fmt: skip
 
 
 def normalise_rows(scores: np.ndarray) -> np.ndarray:
@@ -535,6 +557,11 @@ def train(
     def served(u: np.ndarray) -> np.ndarray:
         return (z[u] @ item_table) @ item_vectors.T
 
+    likes, popularity = likes_per_user(graph), _popularity(graph)
+
+    def served_routed(u: np.ndarray) -> np.ndarray:
+        return popular_when_no_like(served(u), likes[u], popularity)
+
     unit = unit_rows(item_vectors)
     _, negatives = graph.matrices()
     fresh = _fresh_dislikes(dataset, graph, config)
@@ -550,10 +577,10 @@ def train(
     propensity: list[dict[str, float]] = []
     if fixed_ranking is None:
         gamma, suppression = select_suppression(
-            served, sink, unit, negatives, valid_truth, masked, config, out
+            served_routed, sink, unit, negatives, valid_truth, masked, config, out
         )
         suppressed = served_scores(item_table, item_vectors, graph, best.neg_weight, gamma, 0.0,
-                                   prior)  # fmt: skip
+                                   prior, popularity)  # fmt: skip
         beta, propensity = select_propensity(suppressed, graph, valid_truth, masked, config, out)
     else:
         gamma, beta, prior = fixed_ranking.gamma, fixed_ranking.beta, fixed_ranking.prior

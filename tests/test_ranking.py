@@ -102,7 +102,8 @@ def test_server_ranks_as_the_offline_served_scores(
     graph = build_graph(dataset.train, dataset.threshold, dataset.n_users, dataset.n_items)
     arrays, prior = artifact.arrays, ranking["propensity_prior"]
     score = served_scores(arrays["item_table"], arrays["item_vectors"], graph,
-                          artifact.neg_weight, gamma, beta, prior)  # fmt: skip
+                          artifact.neg_weight, gamma, beta, prior,
+                          arrays["item_popularity"])  # fmt: skip
     users = np.arange(dataset.n_users)
     offline = score(users)
     seen = interaction_matrix(dataset.train.users, dataset.train.items, *offline.shape)
@@ -142,6 +143,41 @@ def test_no_dislike_ever_comes_back_beyond_the_recent_window(
     state.apply([EventRecord(100, "l0", user, "0", "like", None, 0.0)])
     again = state.recommend_many([user], n_items, include_liked=include_liked)[0]
     assert ("0" in again.items) == (include_liked or "EXCLUDE_SEEN" in str(env))
+
+
+@pytest.mark.parametrize("beta", [None, 0.5])
+def test_a_user_without_a_like_is_ranked_from_popularity_with_suppression(
+    tiny_artifact: Path, tmp_path: Path, beta: float | None
+) -> None:
+    """Dislikes alone fold into a vector near the disliked items (neg_weight > 0), which would
+    rank their look-alikes first; such a user gets normalised popularity minus the same
+    look-alike and propensity penalties, brute-forced here. A like makes the ranking personal."""
+    env = {} if beta is None else {"SIGNEDREC_RANKING__PROPENSITY_BETA": str(beta)}
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
+    side = state.item_side
+    assert side.neg_weight > 0
+    assert side.gamma > 0
+    user, disliked = "only-dislikes", [3, 11]
+    _dislike_many(state, user, disliked)
+    assert state.vectors[state.users.get(user)].any()  # the fold is not zero: the model is skipped
+    n_items = side.n_items
+    answer = state.recommend_many([user], n_items)[0]
+    popularity = load_artifact(tiny_artifact).arrays["item_popularity"].astype(np.float64)
+    unit = side.unit.astype(np.float64)
+    cosine = np.maximum((unit @ unit[disliked].T).max(axis=1), 0.0)
+    expected = popularity / abs(popularity.max()) - side.gamma * cosine
+    if side.beta:
+        logit = side.propensity.user_logit(np.zeros(1), np.full(1, 2.0))
+        expected -= side.beta * side.propensity.probability(logit, np.arange(n_items)[None])[0]
+    expected[disliked] = -np.inf
+    order = np.argsort(-expected, kind="stable")[: n_items - len(disliked)]
+    assert answer.fallback
+    assert [int(i) for i in answer.items] == order.tolist()
+    np.testing.assert_allclose(answer.scores, expected[order], rtol=1e-4, atol=1e-5)
+    state.apply([EventRecord(10, "like-1", user, "5", "like", None, 0.0)])
+    personal = state.recommend_many([user], 8)[0]
+    assert not personal.fallback
+    assert not {"3", "5", "11"} & set(personal.items)
 
 
 @pytest.mark.parametrize("include_liked", [False, True])

@@ -150,6 +150,27 @@ def test_similar_to_fresh_dislike_sinks(server: Server) -> None:
     assert sum(new - old for old, new in moved) > 0
 
 
+def test_a_newcomers_dislike_sinks_look_alikes_instead_of_raising_them(server: Server) -> None:
+    """A first event that is a dislike must not read as a like: the newcomer keeps the
+    popularity list, without the item and with its look-alikes no higher than before."""
+    popular = _recs(server, f"nobody-{uuid.uuid4().hex}", 20)
+    for target in popular[:3]:
+        similar = {i["item_id"] for i in server.client.get(
+            f"/v1/items/{target}/similar", params={"k": 20}).json()["items"]}  # fmt: skip
+        disliker, liker = (f"{kind}-{uuid.uuid4().hex}" for kind in ("dislike", "like"))
+        _post(server, [_event(disliker, target, "dislike"), _event(liker, target, "like")])
+        after_dislike = server.client.get(f"/v1/recommendations/{disliker}").json()
+        after_like = server.client.get(f"/v1/recommendations/{liker}").json()
+        assert after_dislike["fallback"] is True
+        assert after_like["fallback"] is False
+        disliked_list = [i["item_id"] for i in after_dislike["items"]]
+        liked_list = [i["item_id"] for i in after_like["items"]]
+        assert target not in disliked_list
+        assert len(disliked_list) == 20
+        assert len(similar & set(disliked_list)) <= len(similar & set(popular))
+        assert len(similar & set(disliked_list)) < len(similar & set(liked_list))
+
+
 @settings(
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -171,8 +171,10 @@ def test_a_user_whose_vector_is_zero_gets_the_popularity_list(
 ) -> None:
     """A new user whose only feedback is a dislike, under a model that gives dislikes no weight:
     every score would be 0 and FAISS would answer in item-id order. The answer is the popularity
-    list, flagged as a fallback, still without the disliked item."""
-    live = LiveState(dislikes_ignored_artifact, tmp_path / "state", load_config(env={}))
+    list, flagged as a fallback, still without the disliked item (with the look-alike and
+    propensity penalties off, exactly the overload path's list; with them, see test_ranking)."""
+    env = {"SIGNEDREC_RANKING__SUPPRESSION_GAMMA": "0", "SIGNEDREC_RANKING__PROPENSITY_BETA": "0"}
+    live = LiveState(dislikes_ignored_artifact, tmp_path / "state", load_config(env=env))
     live.open_log()
     assert live.item_side.neg_weight == 0.0
     top = live.popular(5).items[0]
