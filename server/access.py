@@ -147,6 +147,24 @@ class RateLimiter:
         self._buckets[identity] = (tokens - cost, now)
 
 
+def admit(
+    guard: Guard,
+    limiter: RateLimiter,
+    action: Literal["read", "write", "admin"],
+    headers: Mapping[str, str],
+    client: str,
+) -> str:
+    """Check the caller's key and spend from its bucket; a refused caller spends from its
+    address's bucket, so keys cannot be guessed at full speed (429 once it is empty)."""
+    try:
+        identity = guard.check(action, headers, client)
+    except (UnauthenticatedError, ForbiddenError):
+        limiter.take(f"addr:{client}")
+        raise
+    limiter.take(identity)
+    return identity
+
+
 class InFlight:
     """Counts requests in flight; beyond the bound, reads degrade and writes are shed."""
 

@@ -22,6 +22,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, Parameter
 from prometheus_client import generate_latest
 
+from server.access import admit
 from server.artifacts import list_versions
 from server.config import Config, load_config
 from server.errors import (
@@ -201,8 +202,7 @@ async def recommendations(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    identity = service.guard.check("read", request.headers, _client(request))
-    service.limiter.take(identity)
+    admit(service.guard, service.limiter, "read", request.headers, _client(request))
     k = state.config.ranking.default_k if k is None else k
     state.check_k(k)
     if service.inflight.over():
@@ -234,8 +234,7 @@ async def feedback(request: Request) -> FeedbackOut:
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    identity = service.guard.check("write", request.headers, _client(request))
-    service.limiter.take(identity)
+    admit(service.guard, service.limiter, "write", request.headers, _client(request))
     try:
         service.inflight.refuse_write()
     except OverloadedError:
@@ -324,7 +323,7 @@ async def history(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
+    admit(service.guard, service.limiter, "read", request.headers, _client(request))
     limits = state.config.server
     limit = limits.history_default_limit if limit is None else limit
     if not 1 <= limit <= limits.history_max_limit:
@@ -346,7 +345,7 @@ async def similar(
     started = time.perf_counter()
     service = _service(request)
     state = service.live()
-    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
+    admit(service.guard, service.limiter, "read", request.headers, _client(request))
     k = state.config.ranking.default_k if k is None else k
     items, scores = state.similar(item_id, k)
     took = time.perf_counter() - started
@@ -363,7 +362,7 @@ async def similar(
 async def model(request: Request) -> ModelOut:
     """The active model version, the rollback target, and every version with its metrics."""
     service = _service(request)
-    service.limiter.take(service.guard.check("read", request.headers, _client(request)))
+    admit(service.guard, service.limiter, "read", request.headers, _client(request))
     return service.describe()
 
 
@@ -377,7 +376,7 @@ async def reload_model(request: Request) -> ModelOut:
     """Swap in the newest (or a named) version while requests keep flowing."""
     service = _service(request)
     # Admin calls spend from the caller's bucket like any other: a reload loads a whole version.
-    service.limiter.take(service.guard.check("admin", request.headers, _client(request)))
+    admit(service.guard, service.limiter, "admin", request.headers, _client(request))
     body = await request.body()
     wanted = _decode(RELOAD_DECODER, body) if body.strip() else ReloadIn()
     await service.switch(wanted.version)
@@ -388,7 +387,7 @@ async def reload_model(request: Request) -> ModelOut:
 async def rollback_model(request: Request) -> ModelOut:
     """Go back to the version that was active before the last reload."""
     service = _service(request)
-    service.limiter.take(service.guard.check("admin", request.headers, _client(request)))
+    admit(service.guard, service.limiter, "admin", request.headers, _client(request))
     await service.switch(None, rollback=True)
     return service.describe()
 

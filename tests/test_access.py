@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.access import SIGNATURE_HEADER, TIMESTAMP_HEADER, Guard, InFlight, RateLimiter, sign
+from server.access import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Guard,
+    InFlight,
+    RateLimiter,
+    admit,
+    sign,
+)
 from server.config import AccessConfig, LimitsConfig
 from server.errors import ForbiddenError, OverloadedError, RateLimitedError, UnauthenticatedError
 from tests.test_service import Server
@@ -235,6 +243,20 @@ def test_rate_limiter_disabled_at_zero() -> None:
         limiter.take("a")
 
 
+def test_admit_spends_from_the_address_bucket_when_the_key_is_refused() -> None:
+    guard = Guard(AccessConfig(keys=KEYS))
+    limiter = RateLimiter(LimitsConfig(rate_per_s=1.0, burst=2.0), FakeClock())
+    for _ in range(2):
+        with pytest.raises(UnauthenticatedError):
+            admit(guard, limiter, "write", {"x-api-key": "k-nope"}, CLIENT)
+    with pytest.raises(RateLimitedError):  # a third guess waits, whichever key it tries
+        admit(guard, limiter, "write", {"x-api-key": "k-other"}, CLIENT)
+    with pytest.raises(RateLimitedError):  # a wrong role is refused too, and so spends
+        admit(guard, limiter, "admin", {"x-api-key": "k-r"}, CLIENT)
+    assert admit(guard, limiter, "write", {"x-api-key": "k-w"}, CLIENT) == "k-w"
+    assert admit(guard, limiter, "read", {"x-api-key": "k-r"}, "10.0.0.9") == "k-r"
+
+
 # -- InFlight ------------------------------------------------------------------------------
 def test_inflight_bound() -> None:
     inflight = InFlight(LimitsConfig(max_inflight=2, retry_after_s=3))
@@ -401,20 +423,47 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.stop()
 
 
-def test_http_read_requires_key(strict: Server) -> None:
-    _assert_error(strict.client.get("/v1/recommendations/3"), 401, "unauthenticated")
-    _assert_error(strict.client.get("/v1/model", headers={"x-api-key": "k-nope"}), 401,
+@pytest.fixture(scope="module")
+def keyed_reads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server whose reads need a key, without a rate limit (refusals are not limited)."""
+    env = {
+        "SIGNEDREC_ACCESS__KEYS": json.dumps(KEYS),
+        "SIGNEDREC_ACCESS__READ_REQUIRES_KEY": "true",
+    }
+    srv = Server(tmp_path_factory.mktemp("keyed") / "s", env)
+    yield srv
+    srv.stop()
+
+
+def test_http_read_requires_key(keyed_reads: Server) -> None:
+    client = keyed_reads.client
+    _assert_error(client.get("/v1/recommendations/3"), 401, "unauthenticated")
+    _assert_error(client.get("/v1/model", headers={"x-api-key": "k-nope"}), 401,
                   "unauthenticated")  # fmt: skip
-    assert strict.client.get("/v1/model", headers={"x-api-key": "k-r"}).status_code == 200
+    assert client.get("/v1/model", headers={"x-api-key": "k-r"}).status_code == 200
 
 
 @pytest.mark.parametrize(
     "path", ["/v1/recommendations/3", "/v1/users/3/history", "/v1/items/21/similar", "/v1/model"]
 )
-def test_http_every_read_needs_key_when_configured(strict: Server, path: str) -> None:
-    _assert_error(strict.client.get(path), 401, "unauthenticated")
-    _assert_error(strict.client.get(path, headers={"x-api-key": "k-nope"}), 401,
+def test_http_every_read_needs_key_when_configured(keyed_reads: Server, path: str) -> None:
+    _assert_error(keyed_reads.client.get(path), 401, "unauthenticated")
+    _assert_error(keyed_reads.client.get(path, headers={"x-api-key": "k-nope"}), 401,
                   "unauthenticated")  # fmt: skip
+
+
+def test_http_guessing_keys_is_rate_limited_by_address(strict: Server) -> None:
+    """Refused keys spend from the caller's address bucket: made-up keys cannot be tried at
+    full speed, and a valid key keeps its own bucket meanwhile."""
+    codes = [strict.client.get("/v1/model", headers={"x-api-key": f"guess-{n}"}).status_code
+             for n in range(6)]  # fmt: skip
+    assert codes[:3] == [401, 401, 401]
+    _assert_error(strict.client.get("/v1/model", headers={"x-api-key": "guess-x"}), 429,
+                  "rate_limited")  # fmt: skip
+    guess = strict.client.post("/v1/feedback", content=_body("acc-guess"),
+                               headers={"x-api-key": "k-r"})  # a reader may not write  # fmt: skip
+    _assert_error(guess, 429, "rate_limited")
+    assert strict.client.get("/v1/model", headers={"x-api-key": "k-r"}).status_code == 200
 
 
 def test_http_rate_limit_429_with_retry_after(strict: Server) -> None:
