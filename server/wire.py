@@ -14,8 +14,9 @@ from server.events import MAX_ID_CHARS
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 # A user id is a path segment of the read routes, so it may not contain "/" (decoded before
-# routing, even as %2F): such a user could post feedback but never be read back.
-USER_ID_PATTERN = "^[^/]+$"
+# routing, even as %2F) nor be "." or ".." (clients resolve those segments away before sending):
+# such a user could post feedback but never be read back.
+USER_ID_PATTERN = r"^(?!\.\.?$)[^/]+$"
 UserId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=USER_ID_PATTERN)
 ]

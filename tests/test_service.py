@@ -238,6 +238,10 @@ def test_later_event_replaces_earlier(server: Server) -> None:
         # A user id is a path segment of the read routes: with "/" it could never be read back.
         (b'{"event_id": "x", "user_id": "a/b", "item_id": "1", "kind": "like"}', 422,
          "invalid_body"),
+        (b'{"event_id": "x", "user_id": ".", "item_id": "1", "kind": "like"}', 422,
+         "invalid_body"),
+        (b'{"event_id": "x", "user_id": "..", "item_id": "1", "kind": "like"}', 422,
+         "invalid_body"),
         (b"[]", 422, "invalid_body"),
         (b"[" + b'{"event_id":"y","user_id":"u","item_id":"1","kind":"like"},' * 30000 + b"1]",
          413, "body_too_large"),
