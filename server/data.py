@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ SPLITS = ("train", "valid", "test")
 # when the id range exceeds this many times the distinct ids, plus a slack for small datasets.
 ID_RANGE_FACTOR = 2
 ID_RANGE_SLACK = 1000
+# Python's float() also reads "1_0", "1e1" and non-ASCII digits ("١٢"): typos that would become
+# other ids (or ratings) silently. Ids are plain decimal integers; ratings plain decimals.
+ID_TOKEN = re.compile(r"\+?[0-9]+(\.0*)?")
+# An exponent in a line's first or second field (the ids): the line parser names it.
+_EXPONENT_IN_ID = re.compile(r"(?m)^[ \t]*(\S*[eE]|\S+[ \t]+\S*[eE])")
+RATING_TOKEN = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,13 @@ def _parse_id(token: str, path: str, line: int, what: str) -> int:
         value = float(token)
     except ValueError:
         raise DataError(path, line, f"{what} id {token!r} is not a number") from None
+    if (
+        math.isfinite(value)
+        and value >= 0
+        and value == int(value)
+        and not ID_TOKEN.fullmatch(token)
+    ):
+        raise DataError(path, line, f"{what} id {token!r} is not a plain decimal integer")
     if math.isnan(value) or math.isinf(value):
         raise DataError(path, line, f"{what} id {token!r} is not finite")
     if value < 0:
@@ -74,6 +88,8 @@ def _parse_rating(token: str, path: str, line: int) -> float:
         raise DataError(path, line, f"rating {token!r} is not a number") from None
     if math.isnan(value) or math.isinf(value):
         raise DataError(path, line, f"rating {token!r} is not finite")
+    if not RATING_TOKEN.fullmatch(token):
+        raise DataError(path, line, f"rating {token!r} is not a plain decimal number")
     return value
 
 
@@ -116,7 +132,9 @@ def read_interactions(path: Path) -> Interactions:
         raise DataError(name, None, "file is empty")
     # Fast path: one vectorised parse; on any irregularity fall back to the line-naming parser.
     tokens = text.split()
-    if all(len(ln.split()) in (0, 3) for ln in lines):
+    # Only ASCII digits, signs, points and exponents (in ratings) go to numpy's parse.
+    plain = text.isascii() and "_" not in text and not _EXPONENT_IN_ID.search(text)
+    if plain and all(len(ln.split()) in (0, 3) for ln in lines):
         try:
             table = np.asarray(tokens, dtype=np.float64).reshape(-1, 3)
         except ValueError:
@@ -170,9 +188,16 @@ def _line_of(path: Path, column: int, value: int) -> int | None:
     text = Path(path).read_text(encoding="utf-8-sig")
     for number, line in enumerate(text.split("\n"), start=1):
         fields = line.split()
-        if len(fields) > column and fields[column].lstrip("+").split(".")[0] == str(value):
+        if len(fields) > column and _number(fields[column]) == value:
             return number
     return None
+
+
+def _number(token: str) -> float | None:
+    try:
+        return float(token)
+    except ValueError:
+        return None
 
 
 def load_dataset(directory: Path, threshold: float, require_test: bool = False) -> Dataset:
@@ -180,8 +205,8 @@ def load_dataset(directory: Path, threshold: float, require_test: bool = False) 
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(str(directory), None, "data directory does not exist")
-    if math.isnan(threshold):
-        raise DataError(str(directory), None, "threshold is not a number")
+    if not math.isfinite(threshold):
+        raise DataError(str(directory), None, f"threshold {threshold} is not a finite number")
     needed = SPLITS if require_test else SPLITS[:2]
     for split in needed:
         if not (directory / f"{split}.txt").is_file():
