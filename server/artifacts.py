@@ -395,20 +395,26 @@ def _publish(tmp: Path, root: Path, body: dict[str, Any], chosen: bool) -> Path:
 def list_versions(root: Path) -> list[str]:
     """Versions under a root that have a manifest, oldest first."""
     root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
-    )
+    try:
+        if not root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+        )
+    except OSError as exc:  # e.g. a root or version dir this user may not read
+        raise ArtifactError(f"cannot read artifact root {root}: {exc.strerror or exc}") from None
 
 
 def resolve(path: Path) -> Path:
     """A version directory from either a version dir or a root holding versions (newest wins)."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path
+    try:
+        if (path / MANIFEST).is_file():
+            return path
+    except OSError as exc:
+        raise ArtifactError(f"cannot read artifact {path}: {exc.strerror or exc}") from None
     versions = list_versions(path)
     if not versions:
         raise ArtifactError(f"no artifact at {path}: no {MANIFEST} and no versions under it")

@@ -207,29 +207,46 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def path_arg(text: str) -> str:
+    """A path argument; an empty one is refused (``Path("")`` is the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def config_arg(text: str) -> Path:
+    """A config file argument (not empty)."""
+    return Path(path_arg(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; kept separate so tests can check the contract."""
     parser = argparse.ArgumentParser(prog="signedrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train on DIR/train.txt, select on DIR/valid.txt")
-    p.add_argument("--data", required=True, help="directory with train.txt and valid.txt")
+    p.add_argument("--data", type=path_arg, required=True,
+                   help="directory with train.txt and valid.txt")  # fmt: skip
     p.add_argument("--threshold", required=True, type=float, help="rating >= T is positive")
-    p.add_argument("--out", required=True, help="artifact root; a new version is written under it")
-    p.add_argument("--config", type=Path, default=None, help="TOML config file")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="artifact root; a new version is written under it")  # fmt: skip
+    p.add_argument("--config", type=config_arg, default=None, help="TOML config file")
     p.add_argument(
         "--hyper-from",
+        type=path_arg,
         default=None,
         help="refit with this artifact's hyper-parameters and serving strengths, no search",
     )
     p.add_argument(
         "--events",
+        type=path_arg,
         default=None,
         help="also train on a server's logged feedback (its state dir or event log dir, read "
         "without stopping it); the server then replays only later events",
     )
     p.add_argument(
         "--since",
+        type=path_arg,
         default=None,
         help="with --events: start from this version's graph (same data, same log) and read "
         "only the events after its watermark; needed once the log's old segments are dropped",
@@ -237,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact with the datasets' protocol")
-    p.add_argument("--artifact", required=True, help="artifact version dir or root (newest)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--artifact", type=path_arg, required=True,
+                   help="artifact version dir or root (newest)")  # fmt: skip
+    p.add_argument("--data", type=path_arg, required=True)
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--threshold", type=float, default=None, help="default: the artifact's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -249,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("versions", help="list artifact versions under a root")
-    p.add_argument("root", nargs="?", default=str(DEFAULT_ARTIFACTS))
+    p.add_argument("root", nargs="?", type=path_arg, default=str(DEFAULT_ARTIFACTS))
     p.set_defaults(func=_cmd_versions)
 
     p = sub.add_parser("build-default", help="train the embedded default from in-repo data")
@@ -257,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_build_default)
 
     p = sub.add_parser("serve", help="serve recommendations over HTTP")
-    p.add_argument("--artifact", default=None, help="default: the embedded default")
+    p.add_argument("--artifact", type=path_arg, default=None, help="default: the embedded default")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--state-dir", default=None, help="event log and snapshots")
-    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--state-dir", type=path_arg, default=None, help="event log and snapshots")
+    p.add_argument("--config", type=config_arg, default=None)
     p.set_defaults(func=_cmd_serve)
     return parser
 

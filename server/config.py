@@ -46,7 +46,9 @@ class ModelConfig(Base):
     """The signed linear graph model and its automatic hyper-parameter search."""
 
     dim: Annotated[int, msgspec.Meta(ge=1)] = 256
-    seed: Annotated[int, msgspec.Meta(ge=0)] = 0  # numpy's generators refuse a negative seed
+    # numpy's generators refuse a negative seed, torch.manual_seed one beyond 64 bits (and
+    # msgspec bounds stop at int64).
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     selection_metric: Literal["ndcg@20", "recall@20"] = "ndcg@20"
     # Starting point and grids of the coordinate search, identical for every dataset. The ridge
     # penalty is relative to the mean item degree, so one grid fits catalogues of any density.

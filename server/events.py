@@ -395,7 +395,8 @@ def read_records(
     torn tail the next open will cut) is left out and reported. Damage anywhere else raises."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise LogUnavailableError(f"event log {directory} does not exist", {"file": str(directory)})
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise LogUnavailableError(f"event log {directory} {problem}", {"file": str(directory)})
     try:
         segments, buffers = _read_durable(directory)
     except OSError as exc:

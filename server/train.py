@@ -8,6 +8,7 @@ valid (and test when present) before export, so the manifest's metrics are the s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -45,10 +46,36 @@ from server.evaluate import (
 )
 from server.feedback import read_feedback
 from server.graph import SignedGraph, build_graph, with_feedback
-from server.model import SignedGraphModel, factorise
+from server.model import SignedGraphModel, dense_bytes, factorise
 from server.propensity import Propensity
 
 log = logging.getLogger("signedrec.train")
+
+
+def memory_bytes() -> int | None:
+    """Memory this process may use: physical memory, or a lower cgroup limit (containers)."""
+    limits: list[int] = []
+    with contextlib.suppress(ValueError, OSError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        cgroup = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        cgroup = "max"
+    if cgroup.isdigit():
+        limits.append(int(cgroup))
+    return min(limits) if limits else None
+
+
+def check_catalogue_fits(dataset: Dataset, data_dir: Path) -> None:
+    """Refuse a catalogue whose dense item-item fit cannot fit in memory, before allocating."""
+    need, have = dense_bytes(dataset.n_items), memory_bytes()
+    if have is not None and need > have:
+        gib = 1024.0**3
+        raise DataError(
+            str(data_dir / "train.txt"), None,
+            f"{dataset.n_items} items: the dense item-item model needs about {need / gib:.1f} "
+            f"GiB of memory to train, more than the {have / gib:.1f} GiB this machine allows",
+        )  # fmt: skip
 
 
 def peak_rss_mb() -> float:
@@ -523,6 +550,7 @@ def train(
     threads = set_threads()
     torch.manual_seed(config.seed)
     dataset = load_dataset(Path(data_dir), threshold)
+    check_catalogue_fits(dataset, Path(data_dir))
     print(
         f"data {dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
         f"{len(dataset.train)} train, {len(dataset.valid)} valid rows; {threads} threads",

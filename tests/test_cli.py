@@ -161,3 +161,72 @@ def test_train_on_a_valid_split_of_one_sign(
     assert str(directory / "valid.txt") in line
     assert "no user has a positive" in line
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "d", "--threshold", "4", "--out", ""],
+        ["train", "--data", "", "--threshold", "4", "--out", "o"],
+        ["train", "--data", "d", "--threshold", "4", "--out", "o", "--events", " "],
+        ["evaluate", "--artifact", "", "--data", "d"],
+        ["versions", ""],
+        ["serve", "--state-dir", ""],
+        ["serve", "--config", ""],
+    ],
+)
+def test_an_empty_path_argument_is_refused(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # Path("") is ".": `--out ''` trained into the current directory.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert "must not be empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_artifact_root_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "private"
+    root.mkdir()
+
+    def refused(self: Path) -> object:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    assert main(["versions", str(root)]) == 2
+    assert "cannot read artifact root" in _one_error_line(capsys, "versions")
+    assert main(["evaluate", "--artifact", str(root), "--data", str(tmp_path)]) == 2
+    assert "Permission denied" in _one_error_line(capsys, "evaluate")
+
+
+def test_a_catalogue_too_large_to_fit_is_refused_before_training(
+    tiny_dataset: TinyDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # 200,000 items asked numpy for 149 GiB and died with a traceback, exit 1.
+    monkeypatch.setattr("server.train.memory_bytes", lambda: 1024)
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
+                 str(tiny_dataset.threshold), "--out", str(out)])  # fmt: skip
+    assert code == 2
+    line = _one_error_line(capsys, "train")
+    assert f"{tiny_dataset.path / 'train.txt'}: {tiny_dataset.n_items} items" in line
+    assert "GiB of memory to train" in line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_events_that_is_a_file_says_so(
+    tiny_dataset: TinyDataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "afile"
+    log.write_text("not a log\n")
+    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
+                 str(tiny_dataset.threshold), "--out", str(tmp_path / "o"),
+                 "--events", str(log)])  # fmt: skip
+    assert code == 2
+    assert f"event log {log} is not a directory" in _one_error_line(capsys, "train")

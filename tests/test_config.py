@@ -260,6 +260,7 @@ def test_serve_refuses_a_state_dir_that_cannot_be_a_directory(
         ("SIGNEDREC_MODEL__SUPPRESSION_TOLERANCE", "nan", "model.suppression_tolerance"),
         ("SIGNEDREC_MODEL__PROPENSITY_TOLERANCE", "2", "model.propensity_tolerance"),
         ("SIGNEDREC_MODEL__START", '{"dropout": 1.0}', "model.start.dropout"),
+        ("SIGNEDREC_MODEL__SEED", str(2**64), "model.seed"),  # torch.manual_seed overflowed
     ],
 )
 def test_model_search_values_that_break_training_are_refused(
