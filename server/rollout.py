@@ -73,3 +73,13 @@ def choose(artifact: Path, state_dir: Path) -> tuple[Path, Rollout]:
     while previous and previous[-1] == chosen:  # rolling back to itself would do nothing
         previous.pop()
     return (root / chosen if chosen else root), Rollout(pinned=pinned, previous=tuple(previous))
+
+
+def older_versions(artifact: Path, rollout: Rollout, chosen: Path) -> list[Path]:
+    """Versions to fall back to, newest first, when ``chosen`` cannot serve the state dir:
+    only when following the newest (a root, nothing pinned); an explicit or pinned version is
+    what the operator asked for, so its refusal stands."""
+    if (artifact / MANIFEST).is_file() or rollout.pinned is not None:
+        return []
+    versions = list_versions(artifact)
+    return [artifact / v for v in reversed(versions) if v < chosen.name]

@@ -95,12 +95,36 @@ class Service:
         if paused:
             gc.disable()
         try:
-            state = LiveState(path, self.state_dir, self.config)
-            state.open_log()
+            return self._open_first_usable(path, rollout.older_versions(self.artifact, choice,
+                                                                        path))  # fmt: skip
         finally:
             if paused:
                 gc.enable()  # start() then collects once and freezes (tune_gc)
-        return state
+
+    def _open_first_usable(self, path: Path, older: list[Path]) -> LiveState:
+        """Open ``path`` on the state dir, else the newest of ``older`` that can serve it.
+
+        The newest version may refuse this state dir (another item catalogue, trained on
+        another log, needing events retention dropped: reload refuses those with 409); a
+        restart then serves the newest version that can, with the reason logged, instead of
+        not starting at all.
+        """
+        refusals: list[ArtifactError] = []
+        for candidate in [path, *older]:
+            try:
+                state = LiveState(candidate, self.state_dir, self.config)
+                state.open_log()
+            except ArtifactError as exc:
+                refusals.append(exc)
+                log.warning("version %s cannot serve %s: %s", candidate.name, self.state_dir,
+                            exc.message)  # fmt: skip
+                continue
+            if candidate != path:
+                log.warning("serving %s, the newest version that can serve %s (newest on disk: "
+                            "%s)", candidate.name, self.state_dir, path.name)  # fmt: skip
+                self.previous = [v for v in self.previous if v < candidate.name]
+            return state
+        raise refusals[0]  # every candidate refused: the newest's reason is the one to fix
 
     async def start(self) -> None:
         """Load in a worker thread so /healthz answers while the log replays."""
@@ -233,6 +257,9 @@ class Service:
                     await self._save_rollout()
                 return
             side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
+            # A version trained on another server's log would take over now and refuse this
+            # state dir at the next restart: refused here (409) instead.
+            await asyncio.to_thread(state.check_trained_log, side.artifact)
             # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
             # tracked and those users refolded when the new side goes live.
             plan = state.begin_swap(side)

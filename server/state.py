@@ -468,14 +468,7 @@ class LiveState:
         if self.log is None:
             raise RuntimeError("_restore_and_replay: the log is not open")
         after = self.watermark
-        if after > report.last_seq:
-            raise ArtifactError(
-                f"model {self.base_version} was trained on this state's events up to seq {after}, "
-                f"but the log in {self.state_dir / EVENTS_DIR} ends at seq {report.last_seq}: "
-                "serve it with the state dir whose log it was trained on"
-            )
-        if after >= report.first_seq:
-            self._check_trained_log(after)
+        self.check_trained_log(self.item_side.artifact)
         started = time.perf_counter()
         snap = snapshot.read(self.state_dir, self.item_side.version, self.graph, self.catalogue)
         if snap is not None and snap.seq <= report.last_seq:
@@ -485,6 +478,12 @@ class LiveState:
             aside = snapshot.set_aside(self.state_dir)
             log.warning("snapshot at seq %d is ahead of the log (%d): ignored, moved to %s",
                         snap.seq, report.last_seq, aside)  # fmt: skip
+        if after + 1 < report.first_seq:
+            raise ArtifactError(
+                f"model {self.base_version} needs the logged events after seq {after}, but log "
+                f"retention has dropped those before seq {report.first_seq}: train a version "
+                "with --events on this state (or --since a served version) and serve that"
+            )
         if after == self.watermark > 0:
             self._remember_trained_ids(report.first_seq)
         replayed = self.events_applied
@@ -501,16 +500,29 @@ class LiveState:
             f", repaired tail: {report.problem}" if report.problem else "",
         )
 
-    def _check_trained_log(self, watermark: int) -> None:
-        """Refuse a model trained on another log: the event at its watermark must be the one
-        its manifest names (every event up to it is in the model's graph, none is replayed)."""
+    def check_trained_log(self, artifact: Artifact) -> None:
+        """Refuse a version trained with ``--events`` on another log, or on more of it than this
+        log holds: every event up to its watermark is in its graph and none is replayed, so the
+        event at the watermark must be the one its manifest names (reads the log: call it at
+        start or from a worker thread)."""
         if self.log is None:
-            raise RuntimeError("_check_trained_log: the log is not open")
-        expected = self.item_side.artifact.manifest.get("log", {}).get("last_event_id")
+            raise RuntimeError("check_trained_log: the log is not open")
+        watermark, version = artifact.watermark, artifact.version
+        if watermark <= 0:
+            return
+        if watermark > self.log.last_seq:
+            raise ArtifactError(
+                f"model {version} was trained on this state's events up to seq {watermark}, "
+                f"but the log in {self.log.directory} ends at seq {self.log.last_seq}: "
+                "serve it with the state dir whose log it was trained on"
+            )
+        if watermark < self.log.first_seq:
+            return  # dropped by retention after training: nothing left to compare
+        expected = artifact.manifest.get("log", {}).get("last_event_id")
         found = next(iter(self.log.replay(after_seq=watermark - 1, batch_size=1)))[0].event_id
         if expected is not None and found != expected:
             raise ArtifactError(
-                f"model {self.base_version} was trained on a log whose event {watermark} is "
+                f"model {version} was trained on a log whose event {watermark} is "
                 f"{expected!r}, but in {self.log.directory} it is {found!r}: serve it with the "
                 "state dir whose log it was trained on"
             )

@@ -518,3 +518,45 @@ def test_a_state_dir_of_another_catalogue_is_refused_at_start(tmp_path: Path) ->
         assert [e["item_id"] for e in history] == [item]
     finally:
         again.stop()
+
+
+def test_a_version_trained_on_another_servers_log_is_refused_and_never_blocks_a_restart(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Two servers share a root (replicas). A version trained on A's log would have taken over
+    B on reload (200) and refused B's state dir at its next restart (exit 2). Reload refuses it
+    (409); a restart of B that follows the newest serves the newest version that can serve B's
+    state dir, saying why, and A restarts on the version trained on its own log."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
+    state_a, state_b = tmp_path / "a" / "state", tmp_path / "b" / "state"
+    a, b = _server(root, state_a, env), _server(root, state_b, env)
+    try:
+        for srv, user in ((a, "ua"), (b, "ub")):
+            events = [_event(user, str(n + 3), "like") for n in range(4)]
+            assert srv.client.post("/v1/feedback", json=events, headers=ADMIN).status_code == 200
+        trained = _train_on_log(tiny_dataset, root, state_a, root / tiny_artifact.name)
+        assert trained.returncode == 0, trained.stderr
+        version = Path(trained.stdout.strip().splitlines()[-1]).name
+        refused = _admin(b, "reload", version)
+        _assert_error(refused, 409, "invalid_artifact")
+        assert "serve it with the state dir whose log it was trained on" in refused.text
+        assert b.client.get("/v1/model", headers=ADMIN).json()["active"] == tiny_artifact.name
+        assert _admin(a, "reload", version).status_code == 200
+    finally:
+        a.stop()
+        b.stop()
+    restarted = _server(root, state_b, env)
+    try:
+        assert restarted.client.get("/v1/model", headers=ADMIN).json()["active"] == (
+            tiny_artifact.name)  # fmt: skip
+        assert "ub" in restarted.client.get("/v1/users/ub/history", headers=ADMIN).text
+    finally:
+        restarted.stop()
+    assert f"version {version} cannot serve {state_b}" in restarted.log_path.read_text()
+    again = _server(root, state_a, env)
+    try:
+        assert again.client.get("/v1/model", headers=ADMIN).json()["active"] == version
+    finally:
+        again.stop()
