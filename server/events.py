@@ -307,7 +307,10 @@ def claim_catalogue(state_dir: Path, fingerprint: str) -> None:
         )
     marker = Path(state_dir) / CATALOGUE_FILE
     if not marker.exists():
-        atomic_write(marker, f"{fingerprint}\n".encode())
+        try:
+            atomic_write(marker, f"{fingerprint}\n".encode())
+        except OSError as exc:  # a full or read-only disk: the same one-line error as the log's
+            raise _unavailable("catalogue marker write", exc, marker) from exc
 
 
 def _pread_all(fd: int, size: int) -> bytes:

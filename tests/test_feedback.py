@@ -181,6 +181,21 @@ def test_a_log_of_another_catalogue_is_refused_before_it_is_read(tmp_path: Path)
                   io.StringIO(), catalogue=theirs)  # fmt: skip
 
 
+def test_a_full_disk_at_the_first_claim_is_the_logs_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalogue marker is the first write of a fresh state dir: on a full disk it raised a
+    bare OSError (exit 3 and a traceback at start) where the log's own open says ENOSPC."""
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("server.events.atomic_write", full)
+    with pytest.raises(LogUnavailableError, match="ENOSPC") as caught:
+        claim_catalogue(tmp_path, "f" * 64)
+    assert caught.value.detail["file"] == str(tmp_path / "catalogue")
+
+
 def test_npy_sha256_is_the_checksum_an_artifact_records(tiny_artifact: Path) -> None:
     artifact = load_artifact(tiny_artifact)
     assert npy_sha256(artifact.arrays["item_ids"]) == artifact.catalogue_fingerprint
