@@ -18,6 +18,7 @@ snapshot never loses data.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -196,6 +197,12 @@ def _parse(data: memoryview) -> Snapshot:
                     head.graph, head.items)  # fmt: skip
 
 
+def state_key(graph: str, weights: msgspec.Struct) -> str:
+    """What a snapshot's state depends on beside the item side: the trained graph (its
+    fingerprint) and the weights events fold in with."""
+    return hashlib.sha256(graph.encode() + b"|" + msgspec.json.encode(weights)).hexdigest()
+
+
 def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snapshot | None:
     """The snapshot for this graph, under this version or another with the same item catalogue
     ``items`` (the caller refolds the vectors then), or None with the reason logged."""
@@ -230,8 +237,8 @@ def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snap
     )
     if snap.graph != graph or not same_catalogue:
         log.info(
-            "snapshot %s was taken under model %s (graph %s), serving %s (graph %s)%s: "
-            "replaying the log instead",
+            "snapshot %s was taken under model %s (graph and event weights %s), serving %s "
+            "(%s)%s: replaying the log instead",
             path,
             snap.artifact_version,
             snap.graph[:12],

@@ -172,7 +172,8 @@ class SnapshotCapture:
     def __init__(self, state: LiveState) -> None:
         self.n = n = len(state.users)
         self.state = state
-        self.version, self.seq, self.graph = state.item_side.version, state.applied_seq, state.graph
+        self.version, self.seq = state.item_side.version, state.applied_seq
+        self.graph = state.snapshot_key
         self.catalogue = state.catalogue
         self.since = state.since_snapshot  # events counted towards this snapshot
         self.abandoned = False
@@ -310,6 +311,9 @@ class LiveState:
         self.base_version = artifact.version
         self.graph = artifact.graph_fingerprint
         self.catalogue = artifact.catalogue_fingerprint  # a swap requires the same one
+        # Snapshots hold folded strengths, not events: one taken under other `events` weights
+        # would restore other strengths than a replay derives, so their key includes them.
+        self.snapshot_key = snapshot.state_key(self.graph, config.events)
         self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
         # Edge weights: 1 for dataset rows, an event kind's strength for feedback from a log.
@@ -470,7 +474,8 @@ class LiveState:
         after = self.watermark
         self.check_trained_log(self.item_side.artifact)
         started = time.perf_counter()
-        snap = snapshot.read(self.state_dir, self.item_side.version, self.graph, self.catalogue)
+        snap = snapshot.read(self.state_dir, self.item_side.version, self.snapshot_key,
+                             self.catalogue)  # fmt: skip
         if snap is not None and snap.seq <= report.last_seq:
             self.restore(snap)
             after = max(after, snap.seq)

@@ -396,3 +396,34 @@ def test_a_model_swap_abandons_a_snapshot_being_copied(tiny_artifact: Path, tmp_
     _accept(live, [_new("c", "x", "5")])
     assert capture.pending == pending  # nothing more is copied into the abandoned capture
     asyncio.run(live.close())
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_snapshot_under_other_event_weights_is_not_restored(
+    tiny_artifact: Path, tmp_path: Path, changed: bool
+) -> None:
+    """Snapshots hold folded strengths: restoring one taken before an `events` weight changed
+    served other strengths than replaying the same log under the same config. Such a snapshot
+    is passed over and the log replayed; under unchanged weights it is restored."""
+    state_dir = tmp_path / "state"
+    live = LiveState(tiny_artifact, state_dir, load_config(env={}))
+    live.open_log()
+    events = [NewEvent(event_id=f"w{n}", user_id="w", item_id=str(n + 3),
+                       kind="skip" if n % 2 else "like", ts=0.0) for n in range(4)]  # fmt: skip
+    live.apply(live.log.append_sync(events))  # type: ignore[union-attr]
+    asyncio.run(live.close())  # leaves a snapshot
+    assert (state_dir / snapshot.FILE).is_file()
+    env = {"SIGNEDREC_EVENTS__SKIP": "-1.0"} if changed else {}
+    restored = LiveState(tiny_artifact, state_dir, load_config(env=env))
+    restored.open_log()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(state_dir / "events", fresh / "events")
+    replayed = LiveState(tiny_artifact, fresh, load_config(env=env))
+    replayed.open_log()
+    assert restored.events_applied == (len(events) if changed else 0)
+    user = restored.users.get("w")
+    np.testing.assert_allclose(restored.vectors[user], replayed.vectors[replayed.users.get("w")],
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    assert restored.feedback[user].strength == replayed.feedback[user].strength
+    for state in (restored, replayed):
+        asyncio.run(state.close())
