@@ -401,9 +401,11 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
         service.loading.add_done_callback(service.loaded)
 
     async def on_shutdown(app: Litestar) -> None:
+        # First: a replay under way stops at its next batch instead of holding the shutdown
+        # (granian cancels a shutdown hook after its kill timeout: exit 3, no clean stop).
+        service.stopping = True
         if service.loading is not None and not service.loading.done():
             await asyncio.wait([service.loading])
-        service.stopping = True
         if service.snapshotting is not None:
             await asyncio.wait([service.snapshotting])
         if service.state is not None:

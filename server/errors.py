@@ -114,3 +114,8 @@ class UnknownVersionError(SignedrecError):
     """A model version that is not (or no longer) under the artifact root."""
 
     code = "unknown_version"
+
+
+class LoadStopped(Exception):
+    """Loading gave way to a shutdown that arrived meanwhile: not a failure, and nothing to
+    save (no event is accepted before loading ends, and the log replays again next start)."""

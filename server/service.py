@@ -26,6 +26,7 @@ from server.errors import (
     ArtifactError,
     ConfigError,
     InvalidRequestError,
+    LoadStopped,
     NoPreviousVersionError,
     NotReadyError,
     SignedrecError,
@@ -60,7 +61,8 @@ class Service:
         self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
         self.swapping = asyncio.Lock()
         self.snapshotting: asyncio.Task[bool] | None = None
-        self.stopping = False  # set on shutdown: a snapshot being copied gives way to close()
+        # Set on shutdown: a replay under way stops, a snapshot being copied gives way to close().
+        self.stopping = False
         self.snapshot_failures = 0  # failed writes in a row: the next try backs off
         self.snapshot_retry_at = 0.0  # time.monotonic() before which no snapshot is started
         self.state: LiveState | None = None
@@ -113,7 +115,7 @@ class Service:
         for candidate in [path, *older]:
             try:
                 state = LiveState(candidate, self.state_dir, self.config)
-                state.open_log()
+                state.open_log(lambda: self.stopping)
             except ArtifactError as exc:
                 refusals.append(exc)
                 log.warning("version %s cannot serve %s: %s", candidate.name, self.state_dir,
@@ -214,6 +216,9 @@ class Service:
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
+        if isinstance(exc, LoadStopped):
+            log.info("%s: shutting down", exc)
+            return
         self.load_error = exc
         if isinstance(exc, SignedrecError):
             log.error("failed to load: %s", exc.message)

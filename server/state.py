@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,13 @@ from server.cache import RankingCache
 from server.config import Config
 from server.data import IdMap
 from server.dedup import RecentIds
-from server.errors import ArtifactError, InvalidEventError, InvalidRequestError, UnknownItemError
+from server.errors import (
+    ArtifactError,
+    InvalidEventError,
+    InvalidRequestError,
+    LoadStopped,
+    UnknownItemError,
+)
 from server.events import (
     EVENTS_DIR,
     KIND_CODES,
@@ -454,19 +460,22 @@ class LiveState:
         plan = self.begin_swap(side)
         self.finish_swap(plan, self.build_swap(plan))
 
-    def open_log(self) -> OpenReport:
-        """Open the event log, restore the snapshot if it fits, replay what follows it."""
+    def open_log(self, stop: Callable[[], bool] | None = None) -> OpenReport:
+        """Open the event log, restore the snapshot if it fits, replay what follows it; a
+        ``stop()`` that turns true (a shutdown) ends the replay with LoadStopped."""
         claim_catalogue(self.state_dir, self.catalogue)  # before the log: never replay a stranger
         self.log, report = EventLog.open(self.state_dir / EVENTS_DIR, self.config.log)
         try:
-            self._restore_and_replay(report)
+            self._restore_and_replay(report, stop)
         except BaseException:
             self.log.close_sync()  # its lock too: a retry in this process can open it again
             raise
         self.ready = True
         return report
 
-    def _restore_and_replay(self, report: OpenReport) -> None:
+    def _restore_and_replay(
+        self, report: OpenReport, stop: Callable[[], bool] | None = None
+    ) -> None:
         """:meth:`open_log` once the log is open: check it against the model, restore the
         snapshot if it fits, replay what follows."""
         if self.log is None:
@@ -493,6 +502,8 @@ class LiveState:
             self._remember_trained_ids(report.first_seq)
         replayed = self.events_applied
         for batch in self.log.replay(after_seq=after):
+            if stop is not None and stop():
+                raise LoadStopped(f"stopped replaying the event log at seq {self.applied_seq}")
             self._apply(batch)
         replayed = self.events_applied - replayed
         log.info(

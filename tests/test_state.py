@@ -14,7 +14,7 @@ import pytest
 from server import snapshot
 from server.artifacts import Artifact, load_artifact, save_artifact
 from server.config import Hyper, load_config
-from server.errors import ArtifactError
+from server.errors import ArtifactError, LoadStopped
 from server.events import EventRecord, NewEvent
 from server.state import ItemSide, LiveState, _fold_graphs
 from server.train import train
@@ -427,3 +427,35 @@ def test_a_snapshot_under_other_event_weights_is_not_restored(
     assert restored.feedback[user].strength == replayed.feedback[user].strength
     for state in (restored, replayed):
         asyncio.run(state.close())
+
+
+def test_a_shutdown_during_replay_stops_it_and_the_next_start_replays_everything(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """A replay checks ``stop`` between batches: a shutdown during a long replay ends it at
+    once (LoadStopped, the log closed and unlocked) instead of holding the shutdown past the
+    HTTP front's kill timeout; nothing is lost, the next start replays the whole log."""
+    state_dir = tmp_path / "state"
+    config = load_config(env={"SIGNEDREC_LOG__REPLAY_BATCH": "2"})
+    live = LiveState(tiny_artifact, state_dir, config)
+    live.open_log()
+    events = [NewEvent(event_id=f"r{n}", user_id=f"u{n % 3}", item_id=str(n % 7 + 3),
+                       kind="like", ts=0.0) for n in range(10)]  # fmt: skip
+    live.apply(live.log.append_sync(events))  # type: ignore[union-attr]
+    asyncio.run(live.log.close())  # type: ignore[union-attr]  # no snapshot: all replays
+    calls: list[int] = []
+
+    def stop_after_two_batches() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    stopped = LiveState(tiny_artifact, state_dir, config)
+    with pytest.raises(LoadStopped, match="stopped replaying the event log at seq 4"):
+        stopped.open_log(stop_after_two_batches)
+    assert stopped.log is not None
+    assert stopped.log.closed
+    again = LiveState(tiny_artifact, state_dir, config)
+    again.open_log(lambda: False)  # the lock was released: the log opens again
+    assert again.applied_seq == len(events)
+    np.testing.assert_array_equal(again.vectors[: len(live.users)], live.vectors[: len(live.users)])
+    asyncio.run(again.close())
