@@ -123,7 +123,11 @@ class ItemIndex:
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products of each query over every vector, best first (like FAISS's)."""
-    scores = queries @ vectors.T
+    # One matrix-vector product per row: a batched matrix product rounds a row's scores
+    # differently from the same row alone, and a user's answer must not depend on its batch.
+    scores = np.empty((len(queries), len(vectors)), dtype=np.float32)
+    for row, query in enumerate(queries):
+        scores[row] = vectors @ query
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_scores = np.take_along_axis(scores, top, axis=1)
     order = np.argsort(-top_scores, axis=1, kind="stable")

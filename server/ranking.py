@@ -44,15 +44,17 @@ def candidates(
     heavy = pool > common
     if not heavy.any():
         return index.search(queries, common)
-    depth = int(min(pool.max(), index.size))
+    widths = np.minimum(np.where(heavy, pool, common), index.size)
+    depth = int(widths.max())
     scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), depth), -1, dtype=np.int64)
-    # Light and heavy rows are searched apart, so no row is scanned twice.
-    for rows, width in ((np.flatnonzero(~heavy), common), (np.flatnonzero(heavy), depth)):
-        if rows.size:
-            found_scores, found_ids = index.search(np.ascontiguousarray(queries[rows]), width)
-            scores[rows, : found_scores.shape[1]] = found_scores
-            ids[rows, : found_ids.shape[1]] = found_ids
+    # Rows are searched in groups of one width, each row at the width it would get alone: an
+    # approximate index's deeper search is no prefix of a shallower one (IVF, HNSW).
+    for width in np.unique(widths).tolist():
+        rows = np.flatnonzero(widths == width)
+        found_scores, found_ids = index.search(np.ascontiguousarray(queries[rows]), width)
+        scores[rows, : found_scores.shape[1]] = found_scores
+        ids[rows, : found_ids.shape[1]] = found_ids
     ids[np.arange(depth)[None, :] >= pool[:, None]] = -1
     return scores, ids
 
