@@ -875,10 +875,13 @@ class LiveState:
     ) -> None:
         """Rank users the state holds feedback or a trained row for, into ``out[positions]``.
 
-        A user with no like yet (only dislikes or skips) is ranked from the popularity list,
-        with the same exclusion, look-alike suppression and dislike propensity: the model folds
-        a dislike in as weak interest (``neg_weight`` > 0), so its vector alone would put the
-        disliked item's neighbours on top, as a like would.
+        A user known only from live feedback who has no like yet (only dislikes or skips) is
+        ranked from the popularity list, with the same exclusion, look-alike suppression and
+        dislike propensity: the model folds a dislike in as weak interest (``neg_weight`` > 0),
+        so a newcomer's first dislike would put the item's neighbours on top, as a like does.
+        A trained user keeps the model's ranking: the search chose ``neg_weight`` on such
+        histories, and on kuairand it serves users with only dislikes far better (0.061 test
+        NDCG@20 against popularity's 0.023).
         """
         side = self.item_side
         queries = self.vectors[np.asarray(known, dtype=np.int64)]
@@ -892,7 +895,8 @@ class LiveState:
             disliked.append(negative)
         # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0) would
         # score every item 0 and FAISS answer in id order: popularity is the answer there too.
-        personal = (counts[:, 0] > 0) & queries.any(axis=1)
+        trained = np.asarray(known, dtype=np.int64) < self.n_trained_users
+        personal = ((counts[:, 0] > 0) | trained) & queries.any(axis=1)
         for is_personal in (True, False):
             rows = np.flatnonzero(personal == is_personal)
             if not rows.size:

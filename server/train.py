@@ -215,21 +215,13 @@ def user_propensity_logits(graph: SignedGraph, propensity: Propensity) -> np.nda
     return propensity.user_logit(*graph.user_degrees())
 
 
-def likes_per_user(graph: SignedGraph) -> np.ndarray:
-    """How many likes each user of the graph has (0: ranked from popularity when served)."""
-    positive, _ = graph.matrices()
-    return np.diff(positive.indptr)
-
-
-def popular_when_no_like(
-    scores: np.ndarray, likes: np.ndarray, popularity: np.ndarray
-) -> np.ndarray:
-    """Rows of users without a like (or with all-zero scores) replaced by item popularity, as
-    the server ranks them: a vector folded from dislikes alone puts their neighbours on top."""
-    cold = (likes == 0) | ~scores.any(axis=1)
-    if cold.any():
+def popular_when_zero(scores: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """All-zero rows (a user with no edges, or only dislikes under neg_weight 0) replaced by
+    item popularity, as the server ranks them: zeros would order the items by id."""
+    zero = ~scores.any(axis=1)
+    if zero.any():
         scores = scores.copy()
-        scores[cold] = popularity
+        scores[zero] = popularity
     return scores
 
 
@@ -239,15 +231,15 @@ def served_scores(
 ) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
     """Score rows as the server ranks them: suppression and dislike propensity included.
 
-    Normalised model scores (``popularity`` for users without a like), minus gamma x the
-    largest cosine to the user's dislikes, minus beta x P(the user dislikes the item) with rates
-    smoothed by ``prior`` pseudo-ratings. Offline the user's dislikes are all of its train
+    Normalised model scores (``popularity`` for a user whose scores are all zero), minus gamma
+    x the largest cosine to the user's dislikes, minus beta x P(the user dislikes the item) with
+    rates smoothed by ``prior`` pseudo-ratings. Offline the user's dislikes are all of its train
     dislikes (the server uses its most recent ``ranking.suppression_recent``); with ``gamma``
-    and ``beta`` 0 this is the model's ranking, but for users without a like.
+    and ``beta`` 0 this is the model's ranking. Every user here is a trained user: the server
+    ranks a user known only from live feedback, with no like yet, from popularity instead.
     """
     z = graph.signed_input(neg_weight)
     _, negatives = graph.matrices()
-    likes = likes_per_user(graph)
     unit = unit_rows(item_vectors)
     if beta:
         propensity = graph_propensity(graph, prior)
@@ -256,7 +248,7 @@ def served_scores(
 
     def score(users: np.ndarray) -> np.ndarray:
         raw = (z[users] @ item_table) @ item_vectors.T
-        scores = normalise_rows(popular_when_no_like(raw, likes[users], popularity))
+        scores = normalise_rows(popular_when_zero(raw, popularity))
         if gamma:
             scores -= gamma * dislike_penalty(unit, negatives[users])
         if beta:
@@ -585,10 +577,10 @@ def train(
     def served(u: np.ndarray) -> np.ndarray:
         return (z[u] @ item_table) @ item_vectors.T
 
-    likes, popularity = likes_per_user(graph), _popularity(graph)
+    popularity = _popularity(graph)
 
     def served_routed(u: np.ndarray) -> np.ndarray:
-        return popular_when_no_like(served(u), likes[u], popularity)
+        return popular_when_zero(served(u), popularity)
 
     unit = unit_rows(item_vectors)
     _, negatives = graph.matrices()

@@ -156,12 +156,13 @@ def test_no_dislike_ever_comes_back_beyond_the_recent_window(
 
 
 @pytest.mark.parametrize("beta", [None, 0.5])
-def test_a_user_without_a_like_is_ranked_from_popularity_with_suppression(
+def test_a_newcomer_without_a_like_is_ranked_from_popularity_with_suppression(
     tiny_artifact: Path, tmp_path: Path, beta: float | None
 ) -> None:
     """Dislikes alone fold into a vector near the disliked items (neg_weight > 0), which would
-    rank their look-alikes first; such a user gets normalised popularity minus the same
-    look-alike and propensity penalties, brute-forced here. A like makes the ranking personal."""
+    rank their look-alikes first; a user known only from live feedback with no like gets
+    normalised popularity minus the same look-alike and propensity penalties, brute-forced
+    here. A like makes the ranking personal."""
     env = {} if beta is None else {"SIGNEDREC_RANKING__PROPENSITY_BETA": str(beta)}
     state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
     side = state.item_side
@@ -184,6 +185,14 @@ def test_a_user_without_a_like_is_ranked_from_popularity_with_suppression(
     assert answer.fallback
     assert [int(i) for i in answer.items] == order.tolist()
     np.testing.assert_allclose(answer.scores, expected[order], rtol=1e-4, atol=1e-5)
+    # A trained user whose likes all turned into dislikes keeps the model's ranking: the search
+    # chose neg_weight on such histories (on kuairand they are served far better than by
+    # popularity); only a user known from live feedback alone starts from popularity.
+    liked = state._trained_edges(0)[0]
+    state.apply([EventRecord(20 + n, f"undo-{n}", "0", str(item), "dislike", None, 0.0)
+                 for n, item in enumerate(liked.tolist())])  # fmt: skip
+    assert state._seen_and_negative(0)[3][0] == 0
+    assert not state.recommend_many(["0"], 8)[0].fallback
     state.apply([EventRecord(10, "like-1", user, "5", "like", None, 0.0)])
     personal = state.recommend_many([user], 8)[0]
     assert not personal.fallback
