@@ -18,7 +18,9 @@ COPY --chown=signedrec:signedrec kernels ./kernels
 COPY --chown=signedrec:signedrec benchmarks ./benchmarks
 COPY --chown=signedrec:signedrec loadtest ./loadtest
 COPY --chown=signedrec:signedrec model_artifacts ./model_artifacts
-RUN pip install torch==2.13.0 -e .
+# The CPU build of torch from PyTorch's CPU index: PyPI's default wheel is the multi-GB CUDA one.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && pip install -e .
 
 # The event log and snapshots live in /data: mount a volume there, or every accepted event is
 # gone with the container (docker run -v signedrec-state:/data ...).
@@ -29,4 +31,6 @@ VOLUME /data
 # Runs unprivileged; build-default writes under /app/model_artifacts (a no-op: the default ships).
 USER signedrec
 EXPOSE 8000
-CMD ["sh", "-c", "signedrec build-default && signedrec serve --host 0.0.0.0"]
+# exec: the server replaces the shell as PID 1, so `docker stop` (SIGTERM) reaches it and it
+# stops gracefully with a snapshot; under sh it waited out the timeout and was SIGKILLed.
+CMD ["sh", "-c", "signedrec build-default && exec signedrec serve --host 0.0.0.0"]
