@@ -1,9 +1,11 @@
-"""Where a benchmark ran, for its report: the CPU and GPU models (wall times mean little without
-them)."""
+"""Where and how a benchmark ran, for its report: the CPU and GPU models (wall times mean little
+without them) and the command that regenerates it."""
 
 from __future__ import annotations
 
+import os
 import platform
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -51,3 +53,15 @@ def git_state(paths: Sequence[str] = ()) -> str:
     if not changed:
         return head
     return f"{head} with uncommitted changes in " + (", ".join(changed) if paths else "the tree")
+
+
+# Settings a report's command line leaves out: secrets, and the load generator's own plumbing.
+UNRECORDED_ENV = ("SIGNEDREC_ACCESS__", "SIGNEDREC_LT_")
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """The command that regenerates a report: the ``SIGNEDREC_*`` settings it ran under (they
+    reach the server: another HTTP front or backend is another report), then its arguments."""
+    env = [f"{key}={shlex.quote(value)}" for key, value in sorted(os.environ.items())
+           if key.startswith("SIGNEDREC_") and not key.startswith(UNRECORDED_ENV)]  # fmt: skip
+    return " ".join([*env, "python", "-m", module, *map(shlex.quote, argv)])

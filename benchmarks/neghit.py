@@ -50,6 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from benchmarks.host import command_line
 from benchmarks.quality import REPORTS, git_state, load_avg, machine, parse_pair, report_header
 from server.config import ModelConfig
 from server.data import load_dataset
@@ -593,8 +594,7 @@ def run_report(
     set_threads()
     torch.manual_seed(0)
     record: dict[str, Any] = {
-        "command": f"python -m benchmarks.{name} "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(f"benchmarks.{name}", sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "load_start": load_avg(),
         "git": git_state(),

@@ -34,6 +34,7 @@ import msgspec
 import numpy as np
 import scipy.sparse as sp
 
+from benchmarks.host import command_line
 from server.artifacts import Artifact, load_artifact
 from server.data import Interactions, read_interactions
 from server.evaluate import (
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(Path(args.data)),
         "threshold": threshold,
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python -m benchmarks.online " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks.online", sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.host import cpu_model, git_state
+from benchmarks.host import command_line, cpu_model, git_state
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports"
@@ -594,8 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     record: dict[str, Any] = {
-        "command": "python -m benchmarks.quality "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.quality", sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_start": load_avg(),

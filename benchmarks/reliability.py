@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.host import command_line
 from benchmarks.quality import git_state
 from server.artifacts import Artifact, list_versions, load_artifact, save_artifact
 from server.cli import DEFAULT_DATA, DEFAULT_THRESHOLD
@@ -1238,10 +1239,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 kept = Path(tempfile.mkdtemp(prefix="signedrec-reliability-kept-"))
                 shutil.copytree(tmp, kept, dirs_exist_ok=True)
                 progress(f"kept state dirs and server logs in {kept}")
-    argv = " ".join(sys.argv[1:])
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": f"python -m benchmarks.reliability{' ' + argv if argv else ''}",
+        "command": command_line("benchmarks.reliability", sys.argv[1:]),
         "git": git_state(),
         "wall_s": round(time.time() - started, 1),
         "machine": load_start,

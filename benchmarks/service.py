@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
-from benchmarks.host import cpu_model, git_state
+from benchmarks.host import command_line, cpu_model, git_state
 from server.artifacts import read_ids, resolve
 from server.config import EventLogConfig
 from server.data import load_dataset
@@ -851,7 +851,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every phase and write the reports."""
     args = parse_args(argv)
-    command = "python -m benchmarks.service " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.service", sys.argv[1:] if argv is None else argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="signedrec-service-bench-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     users, items = read_ids(args.artifact)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.host import command_line
 from benchmarks.quality import REPORTS, git_state, load_avg, machine, report_header
 from server.artifacts import load_artifact, resolve
 from server.config import load_config
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     result: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.swap", *argv]),
+        "command": command_line("benchmarks.swap", argv),
         "machine": machine(),
         "load_start": load_avg(),
         "code": git_state(),

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.host import cpu_model, git_state, gpu_model
+from benchmarks.host import command_line, cpu_model, git_state, gpu_model
 from server.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,7 +273,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
         and args.duration >= 60
     )
     payload = {
-        "command": " ".join(["python -m loadtest.run", *sys.argv[1:]]),
+        "command": command_line("loadtest.run", sys.argv[1:]),
         "git": git_state(),
         "device": device,
         "duration_s": args.duration,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 import loadtest.run as capacity
+from benchmarks.host import command_line
 from loadtest.run import Step
 
 
@@ -97,3 +99,18 @@ def test_server_cpu_is_the_steady_share_not_diluted_by_locusts_idle_seconds() ->
     assert capacity.steady_cpu(samples) == 80.0
     assert sum(samples) / len(samples) == 76.0  # what the mean reported
     assert math.isnan(capacity.steady_cpu([]))  # no sample taken
+
+
+def test_a_reports_command_carries_the_settings_the_server_ran_under(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rerun as recorded, a granian report without SIGNEDREC_SERVER__HTTP measured uvicorn and
+    overwrote it; secrets and the load generator's own variables stay out."""
+    for name in [n for n in os.environ if n.startswith("SIGNEDREC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SIGNEDREC_SERVER__HTTP", "granian")
+    monkeypatch.setenv("SIGNEDREC_ACCESS__KEYS", '{"secret": "admin"}')
+    monkeypatch.setenv("SIGNEDREC_LT_RATE", "3")
+    line = command_line("loadtest.run", ["--report", "capacity granian", "--rates", "1000"])
+    assert line == ("SIGNEDREC_SERVER__HTTP=granian python -m loadtest.run "
+                    "--report 'capacity granian' --rates 1000")  # fmt: skip
