@@ -198,6 +198,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None and not PORT_MIN <= args.port <= PORT_MAX:
         raise ConfigError(f"--port must be between {PORT_MIN} and {PORT_MAX}, got {args.port}")
     config = load_config(args.config)
+    # server.log_level is the whole process's: signedrec's own lines as well as the HTTP front's.
+    logging.getLogger().setLevel(config.server.log_level.upper())
     from server.api import default_state_dir, serve  # the HTTP stack: only once args are good
 
     artifact = DEFAULT_ARTIFACTS if args.artifact is None else Path(args.artifact)

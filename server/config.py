@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,8 +208,8 @@ PORT_MIN, PORT_MAX = 0, 65535
 class ServerConfig(Base):
     """HTTP limits and addresses."""
 
-    # Not empty: an empty host would bind every interface (0.0.0.0), never what was meant.
-    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    # Not empty (that would bind every interface, 0.0.0.0, never what was meant) nor blank.
+    host: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^\S+$")] = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=PORT_MIN, le=PORT_MAX)] = 8000  # 0: any free port
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024 * 1024
     max_events_per_batch: Annotated[int, msgspec.Meta(ge=1)] = 5000
@@ -367,4 +368,17 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         # Env values are strings; strict=False lets msgspec parse "8080" into an int field.
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{_source(str(exc), overrides, where)}: {exc}") from exc
+
+
+def _source(message: str, overrides: Mapping[str, Mapping[str, Any]], where: str) -> str:
+    """The environment variable a validation error's field came from, else ``where``."""
+    at = re.search(r"at `\$\.(\w+)(?:\.(\w+))?", message)
+    unknown = re.search(r"unknown field `(\w+)`", message)
+    if at is None:
+        return where
+    section = at.group(1)
+    field = unknown.group(1) if unknown and at.group(2) is None else at.group(2)
+    if field is not None and field in overrides.get(section, {}):
+        return f"environment variable {ENV_PREFIX}{section.upper()}__{field.upper()}"
+    return where

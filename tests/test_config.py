@@ -279,3 +279,22 @@ def test_a_manifests_hyper_parameters_are_held_to_the_same_bounds() -> None:
         msgspec.convert({"dropout": 1.0}, Hyper, strict=False)
     with pytest.raises(msgspec.ValidationError, match="neg_weight"):
         msgspec.convert({"neg_weight": float("nan")}, Hyper, strict=False)
+
+
+def test_an_env_variables_error_names_the_variable_not_the_file(tmp_path: Path) -> None:
+    """With --config given, every error was blamed on the file, even one from a variable."""
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 8080\n")
+    cases = {
+        "SIGNEDREC_SERVER__PORT": ("abc", "$.server.port"),
+        "SIGNEDREC_SERVER__SPORT": ("1", "unknown field `sport`"),
+        "SIGNEDREC_SERVER__HOST": (" ", "$.server.host"),  # blank: no interface by that name
+    }
+    for variable, (value, fragment) in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={variable: value})
+        assert caught.value.message.startswith(f"environment variable {variable}: ")
+        assert fragment in caught.value.message
+    path.write_text('[server]\nport = "abc"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path}: ")):
+        load_config(path, env={"SIGNEDREC_SERVER__HOST": "127.0.0.1"})
