@@ -39,6 +39,8 @@ from server.wire import ModelOut, ModelVersion
 
 log = logging.getLogger("signedrec.service")
 
+SNAPSHOT_MAX_DOUBLINGS = 64
+
 
 class Service:
     """What the handlers need: the live state once loaded, the batcher, the metrics."""
@@ -204,7 +206,9 @@ class Service:
         self.metrics.snapshots.labels("failed").inc()
         state.snapshot_failed(capture)
         config = self.config.log
-        wait = min(config.snapshot_retry_seconds * 2.0**self.snapshot_failures,
+        # The exponent is capped: 2.0 ** 1024 overflows, and the cap is far past any maximum.
+        doublings = min(self.snapshot_failures, SNAPSHOT_MAX_DOUBLINGS)
+        wait = min(config.snapshot_retry_seconds * 2.0**doublings,
                    config.snapshot_retry_max_seconds)  # fmt: skip
         self.snapshot_failures += 1
         self.snapshot_retry_at = time.monotonic() + wait

@@ -102,6 +102,13 @@ def test_back_off_doubles_to_its_cap_and_a_success_resets_it(
         assert service.snapshot_failures == 4
         assert state.since_snapshot == 8  # every event since the start is still unsnapshotted
         assert _count(service, "failed") == 4
+        # A disk failing for days: 2.0 ** 1024 overflowed and the back-off stopped counting.
+        service.snapshot_failures = 5000
+        service.snapshot_retry_at = 0.0
+        await _post(service, 200)
+        await _settle(service)
+        assert service.snapshot_failures == 5001
+        assert round(service.snapshot_retry_at - time.monotonic()) == RETRY_MAX_S
         broken = False
         service.snapshot_retry_at = 0.0
         await _post(service, 9)
