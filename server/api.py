@@ -136,7 +136,10 @@ def http_error(_: Request, exc: HTTPException) -> Response:
     code = codes.get(status, "invalid_request" if status < 500 else "internal_error")
     if status == 400 and exc.extra:
         status, code = 422, "invalid_request"
-    detail = {"errors": exc.extra} if exc.extra else {}
+    detail: dict[str, Any] = {"errors": exc.extra} if exc.extra else {}
+    first = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
+    if isinstance(first, dict) and "key" in first:
+        detail["field"] = first["key"]  # as a domain check names it: one place to look
     return _error_response(status, code, str(exc.detail), detail)
 
 
