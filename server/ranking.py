@@ -73,29 +73,6 @@ def popular_pool(
     return np.ascontiguousarray(scores, dtype=np.float32), ids
 
 
-def rank(
-    index: ItemIndex,
-    unit_vectors: np.ndarray,
-    queries: np.ndarray,
-    excluded: Ragged,
-    disliked: Ragged,
-    k: int,
-    gamma: float,
-    config: RankingConfig,
-    propensity: Propensity | None = None,
-    user_logits: np.ndarray | None = None,
-    beta: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (ids int32, scores float32) per query row after exclusion and suppression.
-
-    With ``beta`` > 0 each candidate also loses ``beta`` x P(this user dislikes it), from the
-    rows' dislike-rate ``user_logits`` and the item rates of ``propensity``.
-    """
-    scores, ids = candidates(index, queries, np.diff(excluded.indptr), k, config)
-    return rank_pool(scores, ids, unit_vectors, excluded, disliked, k, gamma, propensity,
-                     user_logits, beta)  # fmt: skip
-
-
 def rank_pool(
     scores: np.ndarray,
     ids: np.ndarray,
@@ -108,7 +85,12 @@ def rank_pool(
     user_logits: np.ndarray | None = None,
     beta: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`rank` over given candidate pools (rows best first, -1 past each row's pool)."""
+    """Top-k (ids int32, scores float32) per row of candidate pools (best first, -1 past each
+    row's pool) after exclusion and suppression.
+
+    With ``beta`` > 0 each candidate also loses ``beta`` x P(this user dislikes it), from the
+    rows' dislike-rate ``user_logits`` and the item rates of ``propensity``.
+    """
     # Scores are relative to each query's best candidate, so gamma means the same for every
     # user regardless of how much history (and so vector norm) they have.
     top = np.abs(scores[:, :1])

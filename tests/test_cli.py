@@ -33,6 +33,12 @@ def _one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
     return line
 
 
+def _train_args(dataset: TinyDataset, out: Path, *extra: str) -> list[str]:
+    """`signedrec train` on the tiny dataset into ``out``."""
+    return ["train", "--data", str(dataset.path), "--threshold", str(dataset.threshold),
+            "--out", str(out), *extra]  # fmt: skip
+
+
 @pytest.mark.parametrize("where", ["file", "file/below"])
 def test_train_refuses_an_out_that_cannot_be_a_directory_before_training(
     where: str,
@@ -48,8 +54,7 @@ def test_train_refuses_an_out_that_cannot_be_a_directory_before_training(
 
     monkeypatch.setattr("server.train.train", no_training)
     out = tmp_path / where
-    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
-                 str(tiny_dataset.threshold), "--out", str(out)])  # fmt: skip
+    code = main(_train_args(tiny_dataset, out))
     assert code == 2
     line = _one_error_line(capsys, "train")
     assert f"--out {out}" in line
@@ -211,8 +216,7 @@ def test_a_catalogue_too_large_to_fit_is_refused_before_training(
     # 200,000 items asked numpy for 149 GiB and died with a traceback, exit 1.
     monkeypatch.setattr("server.train.memory_bytes", lambda: 1024)
     out = tmp_path / "out"
-    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
-                 str(tiny_dataset.threshold), "--out", str(out)])  # fmt: skip
+    code = main(_train_args(tiny_dataset, out))
     assert code == 2
     line = _one_error_line(capsys, "train")
     assert f"{tiny_dataset.path / 'train.txt'}: {tiny_dataset.n_items} items" in line
@@ -225,8 +229,6 @@ def test_train_events_that_is_a_file_says_so(
 ) -> None:
     log = tmp_path / "afile"
     log.write_text("not a log\n")
-    code = main(["train", "--data", str(tiny_dataset.path), "--threshold",
-                 str(tiny_dataset.threshold), "--out", str(tmp_path / "o"),
-                 "--events", str(log)])  # fmt: skip
+    code = main(_train_args(tiny_dataset, tmp_path / "o", "--events", str(log)))
     assert code == 2
     assert f"event log {log} is not a directory" in _one_error_line(capsys, "train")

@@ -16,7 +16,7 @@ from server.evaluate import interaction_matrix
 from server.events import EventRecord
 from server.graph import build_graph
 from server.index import ItemIndex
-from server.ranking import Ragged, candidates, rank
+from server.ranking import Ragged, candidates, rank_pool
 from server.state import LiveState
 from server.train import served_scores
 from tests.conftest import TinyDataset
@@ -79,11 +79,15 @@ def test_a_users_ranking_does_not_depend_on_its_batch(seed: int, k: int, kind: s
     lengths = [30, 1, 2, 0, 3, 1]
     seen = [np.sort(rng.choice(60, size=n, replace=False)).astype(np.int32) for n in lengths]
     disliked = [s[: len(s) // 2] for s in seen]
-    batch_ids, batch_scores = rank(index, unit, queries, Ragged.from_lists(seen),
-                                   Ragged.from_lists(disliked), k, 0.3, SMALL)  # fmt: skip
+
+    def rank(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        excluded, negative = Ragged.from_lists(seen[rows]), Ragged.from_lists(disliked[rows])
+        pool = candidates(index, queries[rows], np.diff(excluded.indptr), k, SMALL)
+        return rank_pool(*pool, unit, excluded, negative, k, 0.3)
+
+    batch_ids, batch_scores = rank(slice(None))
     for row in range(len(lengths)):
-        ids, scores = rank(index, unit, queries[row : row + 1], Ragged.from_lists([seen[row]]),
-                           Ragged.from_lists([disliked[row]]), k, 0.3, SMALL)  # fmt: skip
+        ids, scores = rank(slice(row, row + 1))
         np.testing.assert_array_equal(batch_ids[row], ids[0])
         np.testing.assert_array_equal(batch_scores[row], scores[0])
         assert not set(ids[0][ids[0] >= 0].tolist()) & set(seen[row].tolist())
