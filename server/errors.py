@@ -38,6 +38,11 @@ class ArtifactError(SignedrecError):
     code = "invalid_artifact"
 
 
+class StateMismatchError(ArtifactError):
+    """A sound version that cannot serve this state dir: another item catalogue, trained on
+    another log (or more of it), or needing events log retention dropped."""
+
+
 class UnknownItemError(SignedrecError):
     """An item id that the loaded model does not know."""
 

@@ -30,11 +30,11 @@ import msgspec
 from server.config import Base, EventLogConfig
 from server.durable import atomic_write, fsync_dir
 from server.errors import (
-    ArtifactError,
     ConfigError,
     InvalidEventError,
     LogCorruptError,
     LogUnavailableError,
+    StateMismatchError,
 )
 
 logger = logging.getLogger("signedrec.events")
@@ -301,7 +301,7 @@ def claim_catalogue(state_dir: Path, fingerprint: str) -> None:
     """
     problem = catalogue_problem(state_dir, fingerprint)
     if problem is not None:
-        raise ArtifactError(
+        raise StateMismatchError(
             f"{problem}; serve with --state-dir set to this catalogue's own state, or a new one",
             {"state_dir": str(state_dir), "catalogue": fingerprint},
         )

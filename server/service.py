@@ -30,6 +30,7 @@ from server.errors import (
     NoPreviousVersionError,
     NotReadyError,
     SignedrecError,
+    StateMismatchError,
     UnknownVersionError,
 )
 from server.index import set_cpu_threads
@@ -113,12 +114,12 @@ class Service:
         restart then serves the newest version that can, with the reason logged, instead of
         not starting at all.
         """
-        refusals: list[ArtifactError] = []
+        refusals: list[StateMismatchError] = []
         for candidate in [path, *older]:
             try:
                 state = LiveState(candidate, self.state_dir, self.config)
                 state.open_log(lambda: self.stopping)
-            except ArtifactError as exc:
+            except StateMismatchError as exc:  # a corrupt version still stops the start
                 refusals.append(exc)
                 log.warning("version %s cannot serve %s: %s", candidate.name, self.state_dir,
                             exc.message)  # fmt: skip

@@ -31,6 +31,7 @@ from server.errors import (
     InvalidEventError,
     InvalidRequestError,
     LoadStopped,
+    StateMismatchError,
     UnknownItemError,
 )
 from server.events import (
@@ -382,7 +383,7 @@ class LiveState:
         if len(side.items) != len(old.items) or not np.array_equal(
             side.artifact.arrays["item_ids"], old.artifact.arrays["item_ids"]
         ):
-            raise ArtifactError(
+            raise StateMismatchError(
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
@@ -399,7 +400,7 @@ class LiveState:
         if side.artifact.graph_fingerprint != self.graph and watermark + 1 < first_seq:
             # A restart serves a version on its own graph plus the log after its watermark;
             # retention has dropped some of those events, so that restart could not happen.
-            raise ArtifactError(
+            raise StateMismatchError(
                 f"model {side.version} needs the logged events after seq {watermark}, but log "
                 f"retention has dropped those before seq {first_seq}: a restart on it could not "
                 "replay them; train it with --events on this state (or --since a served version)"
@@ -493,7 +494,7 @@ class LiveState:
             log.warning("snapshot at seq %d is ahead of the log (%d): ignored, moved to %s",
                         snap.seq, report.last_seq, aside)  # fmt: skip
         if after + 1 < report.first_seq:
-            raise ArtifactError(
+            raise StateMismatchError(
                 f"model {self.base_version} needs the logged events after seq {after}, but log "
                 f"retention has dropped those before seq {report.first_seq}: train a version "
                 "with --events on this state (or --since a served version) and serve that"
@@ -527,7 +528,7 @@ class LiveState:
         if watermark <= 0:
             return
         if watermark > self.log.last_seq:
-            raise ArtifactError(
+            raise StateMismatchError(
                 f"model {version} was trained on this state's events up to seq {watermark}, "
                 f"but the log in {self.log.directory} ends at seq {self.log.last_seq}: "
                 "serve it with the state dir whose log it was trained on"
@@ -537,7 +538,7 @@ class LiveState:
         expected = artifact.manifest.get("log", {}).get("last_event_id")
         found = next(iter(self.log.replay(after_seq=watermark - 1, batch_size=1)))[0].event_id
         if expected is not None and found != expected:
-            raise ArtifactError(
+            raise StateMismatchError(
                 f"model {version} was trained on a log whose event {watermark} is "
                 f"{expected!r}, but in {self.log.directory} it is {found!r}: serve it with the "
                 "state dir whose log it was trained on"

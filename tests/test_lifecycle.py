@@ -560,3 +560,25 @@ def test_a_version_trained_on_another_servers_log_is_refused_and_never_blocks_a_
         assert again.client.get("/v1/model", headers=ADMIN).json()["active"] == version
     finally:
         again.stop()
+
+
+def test_a_corrupt_newest_version_still_stops_the_start(tmp_path: Path) -> None:
+    """The fallback at start covers versions that cannot serve this state dir, not damage: a
+    newest version with a flipped byte stops the start (exit 2, naming it) rather than being
+    hidden behind a warning while an older version serves."""
+    root = tmp_path / "models"
+    default = list_versions(DEFAULT_ROOT)[-1]
+    shutil.copytree(DEFAULT_ROOT / default, root / default)
+    newest = root / "29990101T000000000Z"
+    shutil.copytree(root / default, newest)
+    vectors = newest / "item_vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--artifact", str(root),
+         "--state-dir", str(tmp_path / "state"), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "checksum mismatch" in refused.stderr.strip().splitlines()[-1]
