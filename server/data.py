@@ -22,8 +22,7 @@ ID_RANGE_SLACK = 1000
 # Python's float() also reads "1_0", "1e1" and non-ASCII digits ("١٢"): typos that would become
 # other ids (or ratings) silently. Ids are plain decimal integers; ratings plain decimals.
 ID_TOKEN = re.compile(r"\+?[0-9]+(\.0*)?")
-# An exponent in a line's first or second field (the ids): the line parser names it.
-_EXPONENT_IN_ID = re.compile(r"(?m)^[ \t]*(\S*[eE]|\S+[ \t]+\S*[eE])")
+_PLAIN_IDS = re.compile(r"(?:\+?[0-9]+(?:\.0*)?\n)*\+?[0-9]+(?:\.0*)?")
 RATING_TOKEN = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -132,9 +131,15 @@ def read_interactions(path: Path) -> Interactions:
         raise DataError(name, None, "file is empty")
     # Fast path: one vectorised parse; on any irregularity fall back to the line-naming parser.
     tokens = text.split()
-    # Only ASCII digits, signs, points and exponents (in ratings) go to numpy's parse.
-    plain = text.isascii() and "_" not in text and not _EXPONENT_IN_ID.search(text)
-    if plain and all(len(ln.split()) in (0, 3) for ln in lines):
+    # numpy's parse takes what float() takes: only ASCII digits, signs, points and exponents
+    # reach it, and ids only when every one is plain (one regex over them all).
+    plain = (
+        text.isascii()
+        and "_" not in text
+        and all(len(ln.split()) in (0, 3) for ln in lines)
+        and _PLAIN_IDS.fullmatch("\n".join(tokens[0::3] + tokens[1::3])) is not None
+    )
+    if plain:
         try:
             table = np.asarray(tokens, dtype=np.float64).reshape(-1, 3)
         except ValueError:

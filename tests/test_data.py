@@ -74,7 +74,11 @@ words = st.text(
 nan_tokens = st.sampled_from(["nan", "NaN", "-nan", "NAN"])
 inf_tokens = st.sampled_from(["inf", "-inf", "Infinity", "+inf", "1e999"])
 negative_ids = st.integers(min_value=1, max_value=10**6).map(lambda v: f"-{v}")
-odd_numbers = st.sampled_from(["1_0", "1_000", "\u0661\u0662", "\uff11", "\u0663.5", "2_5.0"])
+# Plain ASCII that float() reads as a whole number but is no plain id: numpy's fast parse
+# took these as ids 0, 0, 5 and 5 while the line parser refused them.
+odd_ascii_ids = st.sampled_from(["-0", ".0", "5.0000000000000001", "5e0"])
+odd_numbers = st.sampled_from(["1_0", "1_000", "\u0661\u0662", "\uff11", "2_5.0"])
+odd_ratings = st.sampled_from(["\u0663.5", "3_5.5"])
 fractional_ids = st.builds(
     lambda whole, frac: f"{whole}.{frac}", st.integers(0, 999), st.sampled_from(["5", "25", "001"])
 )
@@ -99,7 +103,7 @@ def malformed_line(draw: st.DrawFn) -> tuple[str, str]:
         return " ".join(fields), f"{what} {token!r} {problem}"
     if kind == "odd":  # float() reads these as numbers; as data they are typos
         column = draw(st.integers(0, 2))
-        fields[column] = token = draw(odd_numbers)
+        fields[column] = token = draw(odd_numbers | (odd_ratings if column == 2 else odd_ascii_ids))
         what = ("user id", "item id", "rating")[column]
         problem = "is not a plain decimal " + ("number" if column == 2 else "integer")
         return " ".join(fields), f"{what} {token!r} {problem}"
