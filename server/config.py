@@ -375,10 +375,12 @@ def _source(message: str, overrides: Mapping[str, Mapping[str, Any]], where: str
     """The environment variable a validation error's field came from, else ``where``."""
     at = re.search(r"at `\$\.(\w+)(?:\.(\w+))?", message)
     unknown = re.search(r"unknown field `(\w+)`", message)
-    if at is None:
-        return where
-    section = at.group(1)
-    field = unknown.group(1) if unknown and at.group(2) is None else at.group(2)
+    if at is None:  # at the top level: an unknown section, named by the variable that made it
+        fields = overrides.get(unknown.group(1), {}) if unknown else {}
+        section, field = (unknown.group(1), next(iter(fields))) if fields else ("", None)
+    else:
+        section = at.group(1)
+        field = unknown.group(1) if unknown and at.group(2) is None else at.group(2)
     if field is not None and field in overrides.get(section, {}):
         return f"environment variable {ENV_PREFIX}{section.upper()}__{field.upper()}"
     return where

@@ -289,6 +289,7 @@ def test_an_env_variables_error_names_the_variable_not_the_file(tmp_path: Path) 
         "SIGNEDREC_SERVER__PORT": ("abc", "$.server.port"),
         "SIGNEDREC_SERVER__SPORT": ("1", "unknown field `sport`"),
         "SIGNEDREC_SERVER__HOST": (" ", "$.server.host"),  # blank: no interface by that name
+        "SIGNEDREC_SERVRE__PORT": ("1", "unknown field `servre`"),  # a mistyped section
     }
     for variable, (value, fragment) in cases.items():
         with pytest.raises(ConfigError) as caught:
