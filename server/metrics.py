@@ -10,6 +10,10 @@ from prometheus_client.registry import Collector
 
 from server.state import LiveState
 
+ROUTES = ("recommendations", "feedback", "history", "similar")  # signedrec_request_seconds
+SHED_ROUTES = ("recommendations", "feedback")  # the routes the in-flight bound sheds
+SNAPSHOT_RESULTS = ("written", "failed", "abandoned")
+
 
 class Metrics:
     """Prometheus collectors in one registry per app."""
@@ -58,6 +62,14 @@ class Metrics:
             "(or is being written) began",
             registry=r,
         )
+        # Every known label starts at 0: a series born at 1 hides its first increment from
+        # Prometheus's rate() and increase() (a first failed snapshot would alert nobody).
+        for route in ROUTES:
+            self.latency.labels(route)
+        for route in SHED_ROUTES:
+            self.shed.labels(route)
+        for result in SNAPSHOT_RESULTS:
+            self.snapshots.labels(result)
 
 
 class CacheCollector(Collector):

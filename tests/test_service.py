@@ -15,10 +15,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from server.config import HTTP_FRONTS
 from server.index import gpu_count
 from server.launch import STOP_TIMEOUT_S, ServeProcess, free_port
+from server.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT = REPO / "model_artifacts" / "default"
@@ -112,6 +114,18 @@ def test_shapes(server: Server, request: pytest.FixtureRequest) -> None:
     front = request.node.callspec.params["server"]
     backend = f'{{http="{front}",index="{index_device}",kernels="cpu"}}'
     assert f"signedrec_backend_info{backend} 1.0" in metrics
+
+
+def test_every_known_labelled_series_starts_at_zero() -> None:
+    """A series born at 1 (on its first increment) hides that increment from Prometheus's
+    rate() and increase(): an alert on the first failed snapshot or shed request stayed silent."""
+    text = generate_latest(Metrics().registry).decode()
+    for result in ("written", "failed", "abandoned"):
+        assert f'signedrec_snapshots_total{{result="{result}"}} 0.0' in text
+    for route in ("recommendations", "feedback"):
+        assert f'signedrec_shed_total{{route="{route}"}} 0.0' in text
+    for route in ("recommendations", "feedback", "history", "similar"):
+        assert f'signedrec_request_seconds_count{{route="{route}"}} 0.0' in text
 
 
 def test_trained_items_are_excluded(server: Server) -> None:
