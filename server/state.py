@@ -397,9 +397,10 @@ class LiveState:
             )
         watermark = side.artifact.watermark
         first_seq = self.log.first_seq if self.log is not None else 1
-        if side.artifact.graph_fingerprint != self.graph and watermark + 1 < first_seq:
+        if watermark + 1 < first_seq:
             # A restart serves a version on its own graph plus the log after its watermark;
-            # retention has dropped some of those events, so that restart could not happen.
+            # retention has dropped some of those events, so that restart could not happen
+            # (whichever graph this server started on: a restart takes the version's own).
             raise StateMismatchError(
                 f"model {side.version} needs the logged events after seq {watermark}, but log "
                 f"retention has dropped those before seq {first_seq}: a restart on it could not "

@@ -582,3 +582,38 @@ def test_a_corrupt_newest_version_still_stops_the_start(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr
     assert "checksum mismatch" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_server_holds(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The server started on a dataset-only version, moved to one trained on its log, and
+    retention pruned the log. A dataset-only version (watermark 0) added back has the graph the
+    server started on, so the reload check passed it over (200, pinned) and the restart after a
+    crash exited 2; it is refused (409) like any version needing dropped events."""
+    root, state = tmp_path / "artifacts", tmp_path / "state"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    env = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__RETENTION": "trained",
+           "SIGNEDREC_LOG__DEDUP_WINDOW": "2",
+           "SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}  # fmt: skip
+    srv = _server(root, state, env)
+    try:
+        for n in range(12):  # one commit each, so the log rolls over into several segments
+            event = _event(str(n % 5), str(n + 8), "like" if n % 3 else "dislike")
+            assert srv.client.post("/v1/feedback", json=[event], headers=ADMIN).status_code == 200
+        trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
+        assert trained.returncode == 0, trained.stderr
+        on_log = Path(trained.stdout.strip().splitlines()[-1]).name
+        shutil.move(root / tiny_artifact.name, tmp_path / "aside")
+        assert _admin(srv, "reload", on_log).status_code == 200  # then retention prunes
+        deadline = time.monotonic() + 30.0
+        while "log segments with events up to seq" not in srv.log_path.read_text():
+            assert time.monotonic() < deadline, "the log was not pruned"
+            time.sleep(0.05)
+        shutil.copytree(tmp_path / "aside", root / "29990101T000000000Z")
+        refused = _admin(srv, "reload", "29990101T000000000Z")
+        _assert_error(refused, 409, "invalid_artifact")
+        assert "retention has dropped those" in refused.text
+        assert srv.client.get("/v1/model", headers=ADMIN).json()["active"] == on_log
+    finally:
+        srv.stop()
