@@ -21,8 +21,9 @@ ID_RANGE_FACTOR = 2
 ID_RANGE_SLACK = 1000
 # Python's float() also reads "1_0", "1e1" and non-ASCII digits ("١٢"): typos that would become
 # other ids (or ratings) silently. Ids are plain decimal integers; ratings plain decimals.
-ID_TOKEN = re.compile(r"\+?[0-9]+(\.0*)?")
-_PLAIN_IDS = re.compile(r"(?:\+?[0-9]+(?:\.0*)?\n)*\+?[0-9]+(?:\.0*)?")
+_ID = r"\+?[0-9]+(?:\.0*)?"
+ID_TOKEN = re.compile(_ID)
+_PLAIN_IDS = re.compile(rf"(?:{_ID}\n)*{_ID}")  # every id token of a file, one per line
 RATING_TOKEN = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 

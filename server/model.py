@@ -27,6 +27,8 @@ from server.graph import SignedGraph
 _BLOCK = 512  # item columns per block of the two-hop propagation
 _SCALE_USERS = 1024  # users sampled to match the scale of the two operator parts
 _SPECTRAL_KEEP = 256  # eigenvectors kept for the ideal low-pass filter
+_OVERSAMPLE = 16  # randomised SVD oversampling and power iterations
+_POWER_ITERS = 4
 # Dense n_items x n_items float32 matrices alive at once at the peak of a fit (the Gram matrix,
 # the system, its inverse and LU workspace, the operator, a product): sizes the memory check.
 ITEM_MATRICES_AT_PEAK = 6
@@ -35,10 +37,6 @@ ITEM_MATRICES_AT_PEAK = 6
 def dense_bytes(n_items: int) -> int:
     """About how much memory fitting the model on ``n_items`` items needs at its peak."""
     return ITEM_MATRICES_AT_PEAK * n_items * n_items * 4
-
-
-_OVERSAMPLE = 16  # randomised SVD oversampling and power iterations
-_POWER_ITERS = 4
 
 
 class SignedGraphModel:
