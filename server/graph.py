@@ -13,6 +13,8 @@ import scipy.sparse as sp
 
 from server.data import Interactions
 
+DATASET_STRENGTH = 1.0  # a dataset row's strength: +1 a like, -1 a dislike
+
 
 @dataclass(frozen=True, slots=True)
 class SignedGraph:
@@ -100,7 +102,7 @@ def build_graph(
 ) -> SignedGraph:
     """Build the signed graph; a repeated (user, item) keeps the sign of its last row."""
     positive = interactions.ratings >= threshold
-    strengths = np.where(positive, np.float32(1.0), np.float32(-1.0))
+    strengths = np.where(positive, np.float32(DATASET_STRENGTH), np.float32(-DATASET_STRENGTH))
     return _signed_graph(interactions.users.astype(np.int64), interactions.items.astype(np.int64),
                          strengths, n_users, n_items)  # fmt: skip
 

@@ -45,6 +45,7 @@ from server.events import (
     claim_catalogue,
 )
 from server.feedback import rating_strength, strengths_by_kind
+from server.graph import DATASET_STRENGTH
 from server.index import ItemIndex
 from server.propensity import Propensity
 from server.ranking import Ragged, candidates, popular_pool, rank_pool
@@ -346,6 +347,10 @@ class LiveState:
         self.since_snapshot = 0
         self.log: EventLog | None = None
         self._weights = config.events
+        w = config.events
+        # A trained skip is told from a dislike by its strength, when no dislike has that one.
+        dislikes = (-DATASET_STRENGTH, w.dislike, w.rating_negative)
+        self._named_skip = None if w.skip in dislikes else np.float32(w.skip)
 
     # -- construction ------------------------------------------------------------------------
     def _fold_trained(self, side: ItemSide, out: np.ndarray) -> None:
@@ -977,11 +982,13 @@ class LiveState:
         out: list[HistoryRow] = []
         feedback = self.feedback.get(user)
         if feedback is not None:
-            for _, event_id, item, kind, value, ts in reversed(feedback.history):
-                if len(out) >= limit:
-                    return out
-                out.append((event_id, items.external(np.asarray([item]))[0], kind, value, ts))
-        if user < self.n_trained_users and len(out) < limit:
+            rows = list(itertools.islice(reversed(feedback.history), limit))
+            names = items.external(np.asarray([row[2] for row in rows], np.int64))
+            for (_, event_id, _, kind, value, ts), name in zip(rows, names, strict=True):
+                out.append((event_id, name, kind, value, ts))
+            if len(out) >= limit:
+                return out
+        if user < self.n_trained_users:
             out += self._trained_history.rows(user, items, limit - len(out))
         if user < self.n_trained_users and len(out) < limit:
             pos, neg = self._trained_edges(user)
@@ -990,12 +997,14 @@ class LiveState:
             edges = np.concatenate([pos, neg])
             keep = ~np.isin(edges, self._trained_history.items_of(user))
             trained = edges[keep][: limit - len(out)]
-            signed = np.concatenate([pos_w, -neg_w])[keep][: len(trained)].tolist()
-            skip = self._weights.skip
-            for item, strength in zip(items.external(trained), signed, strict=True):
-                # A logged skip trained into the graph keeps its name; the rest go by sign.
-                kind = "skip" if strength == skip < 0 else TRAIN_KIND[strength > 0]
-                out.append((None, item, kind, None, None))
+            signed = np.concatenate([pos_w, -neg_w])[keep][: len(trained)]
+            kinds = np.where(signed > 0, TRAIN_KIND[True], TRAIN_KIND[False])
+            if self._named_skip is not None:
+                # A logged skip trained into the graph (beyond the history kept) keeps its name.
+                kinds[signed == self._named_skip] = "skip"
+            names = items.external(trained)
+            out += [(None, name, kind, None, None)
+                    for name, kind in zip(names, kinds.tolist(), strict=True)]  # fmt: skip
         return out
 
     def user_count(self) -> int:

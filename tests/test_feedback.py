@@ -254,8 +254,8 @@ ONLINE = [
 ]
 
 
-def _live(artifact: Path, state_dir: Path) -> LiveState:
-    state = LiveState(artifact, state_dir, load_config(env={}))
+def _live(artifact: Path, state_dir: Path, env: dict[str, str] | None = None) -> LiveState:
+    state = LiveState(artifact, state_dir, load_config(env=env or {}))
     state.open_log()
     return state
 
@@ -267,13 +267,13 @@ def _post(state: LiveState, events: list[tuple[str, str, str, str, float | None]
 
 
 def _retrain(tiny_dataset: TinyDataset, tiny_artifact: Path, state_dir: Path, root: Path,
-             history_cap: int = 5000) -> Path:  # fmt: skip
+             history_cap: int = 5000, weights: EventWeights | None = None) -> Path:  # fmt: skip
     hyper = load_artifact(tiny_artifact).manifest["model"]["hyper"]
     with known_training_warnings_ignored():
         from server.train import train
 
         return train(tiny_dataset.path, THRESHOLD, root, tiny_dataset.model, out=io.StringIO(),
-                     fixed=Hyper(**hyper), events=state_dir, weights=EventWeights(),
+                     fixed=Hyper(**hyper), events=state_dir, weights=weights or EventWeights(),
                      history_cap=history_cap)  # fmt: skip
 
 
@@ -483,6 +483,35 @@ def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
         if key != "users":
             assert result[key] == pytest.approx(value, abs=1e-6), key
     assert "0 test rows are in it, not held out" in printed.err
+
+
+def test_history_names_dataset_dislikes_by_sign_whatever_the_skip_weight(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """With skips weighted as dislikes (-1) every dataset dislike was listed as a skip."""
+    state = _live(tiny_artifact, tmp_path / "state", {"SIGNEDREC_EVENTS__SKIP": "-1.0"})
+    kinds = {row[2] for user in range(N_USERS) for row in state.history(str(user), 1000)}
+    assert kinds == {"like", "dislike"}
+
+
+def test_a_trained_skip_beyond_the_kept_history_is_named_skip(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """A skip past the version's per-user history cap is told by its strength, compared in the
+    graph's float32 (-0.3 as a Python float never equalled it)."""
+    env = {"SIGNEDREC_EVENTS__SKIP": "-0.3"}
+    live = _live(tiny_artifact, tmp_path / "state", env)
+    pos, neg = live._trained_edges(3)
+    free = sorted(set(range(N_ITEMS)) - set(pos.tolist()) - set(neg.tolist()))
+    _post(live, [("s", "3", str(free[0]), "skip", None), ("t", "3", str(free[1]), "like", None)])
+    asyncio.run(live.close())
+    capped = _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root", 1,
+                      load_config(env=env).events)  # fmt: skip
+    restarted = _live(capped, tmp_path / "state", env)
+    history = restarted.history("3", 1000)
+    assert history[0][:3] == ("t", str(free[1]), "like")  # the one logged event kept
+    assert (None, str(free[0]), "skip", None, None) in history
+    assert sum(row[2] == "skip" for row in history) == 1
 
 
 def test_a_version_keeps_at_most_history_cap_logged_events_per_user(
