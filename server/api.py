@@ -27,14 +27,18 @@ from server.artifacts import list_versions
 from server.config import Config, load_config
 from server.errors import (
     ArtifactError,
+    BodyTooLargeError,
     ForbiddenError,
     InvalidEventError,
     InvalidRequestError,
+    LogCorruptError,
     LogUnavailableError,
+    MalformedJsonError,
     NoPreviousVersionError,
     NotReadyError,
     OverloadedError,
     RateLimitedError,
+    SchemaError,
     SignedrecError,
     UnauthenticatedError,
     UnknownItemError,
@@ -75,24 +79,6 @@ LISTEN_BACKLOG = 2048
 
 
 # -- errors ----------------------------------------------------------------------------------
-class MalformedJsonError(SignedrecError):
-    """The body is not JSON."""
-
-    code = "malformed_json"
-
-
-class SchemaError(SignedrecError):
-    """The body is JSON but violates the schema."""
-
-    code = "invalid_body"
-
-
-class BodyTooLargeError(SignedrecError):
-    """The body exceeds the configured size."""
-
-    code = "body_too_large"
-
-
 STATUS: dict[type[SignedrecError], int] = {
     UnauthenticatedError: 401,
     ForbiddenError: 403,
@@ -110,7 +96,10 @@ STATUS: dict[type[SignedrecError], int] = {
     UnknownVersionError: 404,
     NotReadyError: 503,
     LogUnavailableError: 503,
+    LogCorruptError: 500,  # the server's own log: nothing a client can fix
 }
+# A domain error without a status is a server fault (config, data, a new class): never a 4xx.
+UNMAPPED_STATUS = 500
 
 
 def _error_response(status: int, code: str, message: str, detail: dict[str, Any]) -> Response:
@@ -125,7 +114,9 @@ def _error_response(status: int, code: str, message: str, detail: dict[str, Any]
 
 def domain_error(_: Request, exc: SignedrecError) -> Response:
     """Map a domain exception to its status code and the one error body."""
-    status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 400)
+    status = next((s for t, s in STATUS.items() if isinstance(exc, t)), UNMAPPED_STATUS)
+    if status >= 500 and status != 503:
+        log.error("%s (answered %d): %s", exc.code, status, exc.message)
     return _error_response(status, exc.code, exc.message, exc.detail)
 
 

@@ -61,6 +61,24 @@ class InvalidEventError(SignedrecError):
     code = "invalid_event"
 
 
+class MalformedJsonError(SignedrecError):
+    """A request body that is not JSON."""
+
+    code = "malformed_json"
+
+
+class SchemaError(SignedrecError):
+    """A request body that is JSON but violates the schema."""
+
+    code = "invalid_body"
+
+
+class BodyTooLargeError(SignedrecError):
+    """A request body beyond the configured size."""
+
+    code = "body_too_large"
+
+
 class InvalidRequestError(SignedrecError):
     """A request parameter out of its allowed range."""
 

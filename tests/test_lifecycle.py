@@ -617,3 +617,30 @@ def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_serv
         assert srv.client.get("/v1/model", headers=ADMIN).json()["active"] == on_log
     finally:
         srv.stop()
+
+
+def test_a_reload_reading_a_damaged_log_is_a_server_error(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Checking a version trained on the log rereads it; bit rot found there was answered 400, a
+    client error for what no client can fix. It is a 500 (logged), and the server serves on."""
+    root, state = tmp_path / "artifacts", tmp_path / "state"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    env = {"SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}
+    srv = _server(root, state, env)
+    try:
+        events = [_event("u", str(n + 3), "like") for n in range(4)]
+        assert srv.client.post("/v1/feedback", json=events, headers=ADMIN).status_code == 200
+        trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
+        assert trained.returncode == 0, trained.stderr
+        version = Path(trained.stdout.strip().splitlines()[-1]).name
+        segment = next((state / "events").glob("events-*.log"))
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        _assert_error(_admin(srv, "reload", version), 500, "log_corrupt")
+        assert srv.client.get("/v1/model", headers=ADMIN).json()["active"] == tiny_artifact.name
+        assert _recs(srv, "u")["items"]
+    finally:
+        srv.stop()
+    assert "log_corrupt (answered 500)" in srv.log_path.read_text()
