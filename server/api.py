@@ -298,13 +298,19 @@ async def _log_and_apply(service: Service, state: LiveState, fresh: list[NewEven
     except BaseException:
         state.release(fresh)
         raise
-    state.apply(records)
+    try:
+        state.apply(records)
+    except Exception:
+        # Logged here, not only by the request's error handler: its client may be gone.
+        log.exception("events seq %d..%d are in the log but not applied (a restart replays "
+                      "them)", records[0].seq, records[-1].seq)  # fmt: skip
+        raise
     service.metrics.events.inc(len(records))
     service.maybe_snapshot(state)
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:
-    """Mark a shielded write's error as seen (its request may be gone; the log logged it)."""
+    """Mark a shielded write's error as seen (its request may be gone; it was logged)."""
     if not task.cancelled():
         task.exception()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -137,6 +138,41 @@ def test_a_request_cancelled_mid_write_still_applies_what_the_log_committed(
             assert [(e["event_id"], e["kind"]) for e in history] == [("ev-A", "dislike")]
 
     run(restarted())
+
+
+def test_an_apply_failure_after_the_write_is_logged_though_the_client_is_gone(
+    tiny_artifact: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fault applying events the log committed (a bug) was swallowed without a word when the
+    request had been cancelled: the event on disk, not served, and nothing in the server log."""
+    like = {"event_id": "ev-A", "user_id": "alice", "item_id": "5", "kind": "like"}
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("injected apply fault")
+
+    async def scenario() -> None:
+        async with running(tiny_artifact, tmp_path / "state") as (client, _):
+            monkeypatch.setattr(events, "_fsync", slow_fsync(fail_first=0))
+            monkeypatch.setattr("server.state.LiveState._apply", broken)
+            cancelled = asyncio.ensure_future(client.post("/v1/feedback", json=like))
+            await asyncio.sleep(0.1)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await asyncio.sleep(0.5)  # the shielded write finishes
+            monkeypatch.undo()
+
+    with caplog.at_level(logging.ERROR, logger="signedrec.api"):
+        run(scenario())
+    assert logged(tmp_path / "state") == [(1, "ev-A")]
+    failures = [r for r in caplog.records if "in the log but not applied" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].getMessage().startswith("events seq 1..1")
+    assert failures[0].exc_info is not None
+    assert "injected" in str(failures[0].exc_info[1])
 
 
 def test_refused_requests_take_no_place_in_the_idempotency_window(
