@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +20,12 @@ import pytest
 import torch
 
 from server.artifacts import Artifact, list_versions, load_artifact
+from server.config import load_config
 from server.data import load_dataset
 from server.evaluate import KS
+from server.events import NewEvent
 from server.graph import SignedGraph, build_graph
+from server.state import LiveState
 
 if TYPE_CHECKING:
     from conftest import TinyDataset
@@ -69,9 +73,33 @@ def test_artifact_shapes_and_manifest(
         np.testing.assert_array_equal(artifact.arrays[name], getattr(graph, name))
 
 
+def _online(artifact: Path, state_dir: Path) -> LiveState:
+    """The server's live state on the artifact: vectors folded at load, the real event log."""
+    state = LiveState(artifact, state_dir, load_config(env={}))
+    state.open_log()
+    return state
+
+
+def _post(state: LiveState, user: str, item: int, kind: str) -> None:
+    """One feedback event through the log and the online update (the webhook's path)."""
+    event = NewEvent(event_id=uuid.uuid4().hex, user_id=user, item_id=str(item), kind=kind,
+                     ts=1.0)  # type: ignore[arg-type]  # fmt: skip
+    state.apply(state.log.append_sync([event]))  # type: ignore[union-attr]
+
+
+def _vector(state: LiveState, user: str) -> np.ndarray:
+    return state.vectors[state.users.get(user)].copy()
+
+
 def test_fold_in_events_one_by_one_equals_batch_vector(
-    artifact: Artifact, graph: SignedGraph, tiny_dataset: TinyDataset
+    artifact: Artifact,
+    graph: SignedGraph,
+    tiny_dataset: TinyDataset,
+    tiny_artifact: Path,
+    tmp_path: Path,
 ) -> None:
+    """A new user posting a trained user's train events one at a time, in random order, gets
+    that user's vector from the model (z_u @ item_table), as the server folds it at load."""
     table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
     threshold = tiny_dataset.threshold
     rng = np.random.default_rng(7)
@@ -81,33 +109,40 @@ def test_fold_in_events_one_by_one_equals_batch_vector(
     events: dict[int, list[tuple[int, float]]] = {}
     for user, item, rating in tiny_dataset.rows["train"]:
         events.setdefault(user, []).append((item, rating))
+    state = _online(tiny_artifact, tmp_path / "state")
     for row, user in enumerate(users.tolist()):
         own = events[user]
         assert any(r < threshold for _, r in own), "every synthetic user has a negative"
-        u = np.zeros(table.shape[1], dtype=np.float32)
+        copy = f"copy-of-{user}"
         for index in rng.permutation(len(own)):
             item, rating = own[index]
-            weight = 1.0 if rating >= threshold else artifact.neg_weight
-            u += np.float32(weight) * table[item]
+            _post(state, copy, item, "like" if rating >= threshold else "dislike")
+        u = _vector(state, copy)
         scale = float(np.abs(table).max()) * len(own)
         np.testing.assert_allclose(u, batch[row], rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(_vector(state, str(user)), batch[row], rtol=1e-5,
+                                   atol=1e-6 * scale)  # fmt: skip
         scores = u @ vectors.T
         score_scale = float(np.abs(batch_scores[row]).max())
         np.testing.assert_allclose(scores, batch_scores[row], rtol=1e-5, atol=1e-5 * score_scale)
 
 
-def test_fold_in_retraction_restores_the_vector(artifact: Artifact, graph: SignedGraph) -> None:
-    # A change of mind is "retract the old term, add the new one": folding a like and then
-    # retracting it leaves the user's vector where it was, to float32 tolerance.
+def test_a_change_of_mind_retracts_the_old_term(
+    artifact: Artifact, graph: SignedGraph, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Like, dislike, like again of one unseen item: each step is the batch vector of the user's
+    graph with that item's latest sign (the old term retracted, the new one added)."""
     table = artifact.arrays["item_table"]
-    (user,) = _batch_vectors(artifact, graph, np.array([0]))
-    unseen = np.setdiff1d(np.arange(graph.n_items), graph.pos_items[: graph.pos_indptr[1]])
-    u = user.copy()
-    u += table[unseen[0]]
-    u -= table[unseen[0]]
-    u -= np.float32(artifact.neg_weight) * table[unseen[1]]
-    u += np.float32(artifact.neg_weight) * table[unseen[1]]
-    np.testing.assert_allclose(u, user, rtol=1e-5, atol=1e-6 * float(np.abs(table).max()))
+    (base,) = _batch_vectors(artifact, graph, np.array([0]))
+    seen = np.concatenate([graph.pos_items[: graph.pos_indptr[1]],
+                           graph.neg_items[: graph.neg_indptr[1]]])  # fmt: skip
+    item = int(np.setdiff1d(np.arange(graph.n_items), seen)[0])
+    state = _online(tiny_artifact, tmp_path / "state")
+    tol = 1e-6 * float(np.abs(table).max()) * (len(seen) + 1)
+    for kind, weight in (("like", 1.0), ("dislike", artifact.neg_weight), ("like", 1.0)):
+        _post(state, "0", item, kind)
+        expected = base + np.float32(weight) * table[item]
+        np.testing.assert_allclose(_vector(state, "0"), expected, rtol=1e-5, atol=tol)
 
 
 def test_model_ranks_own_cluster_above_the_other(
