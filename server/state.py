@@ -328,6 +328,9 @@ class LiveState:
         self._pos_weights, self._neg_weights = arrays["pos_weights"], arrays["neg_weights"]
         self.watermark = artifact.watermark
         self.n_trained_users = len(self._pos_indptr) - 1
+        # The dataset's users come first; the rest of the trained rows are users a log created.
+        dataset_users = artifact.manifest.get("dataset", {}).get("n_users", self.n_trained_users)
+        self.n_dataset_users = min(int(dataset_users), self.n_trained_users)
         self._trained_history = TrainedHistory(arrays, self.n_trained_users)
         self.vectors = np.zeros((max(16, len(self.users) * 2), self.item_side.dim), np.float32)
         self._fold_trained(self.item_side, self.vectors)
@@ -886,9 +889,10 @@ class LiveState:
         ranked from the popularity list, with the same exclusion, look-alike suppression and
         dislike propensity: the model folds a dislike in as weak interest (``neg_weight`` > 0),
         so a newcomer's first dislike would put the item's neighbours on top, as a like does.
-        A trained user keeps the model's ranking: the search chose ``neg_weight`` on such
-        histories, and on kuairand it serves users with only dislikes far better (0.061 test
-        NDCG@20 against popularity's 0.023).
+        A user of the training dataset keeps the model's ranking: the search chose
+        ``neg_weight`` on such histories, and on kuairand it serves users with only dislikes far
+        better (0.061 test NDCG@20 against popularity's 0.023). A user a log created stays a
+        newcomer once a version is trained on that log, so retraining changes nothing for them.
         """
         side = self.item_side
         queries = self.vectors[np.asarray(known, dtype=np.int64)]
@@ -902,8 +906,8 @@ class LiveState:
             disliked.append(negative)
         # A vector of zeros (a user with no edges, or only dislikes under neg_weight 0) would
         # score every item 0 and FAISS answer in id order: popularity is the answer there too.
-        trained = np.asarray(known, dtype=np.int64) < self.n_trained_users
-        personal = ((counts[:, 0] > 0) | trained) & queries.any(axis=1)
+        from_dataset = np.asarray(known, dtype=np.int64) < self.n_dataset_users
+        personal = ((counts[:, 0] > 0) | from_dataset) & queries.any(axis=1)
         for is_personal in (True, False):
             rows = np.flatnonzero(personal == is_personal)
             if not rows.size:

@@ -485,6 +485,27 @@ def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
     assert "0 test rows are in it, not held out" in printed.err
 
 
+def test_a_newcomer_stays_one_once_a_version_is_trained_on_its_log(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """A user the log created with only a dislike is ranked from the popularity list; a version
+    trained on that log made them a trained user, so a restart on it ranked them from their
+    dislike-built vector (the item's look-alikes on top) while a reload kept popularity."""
+    live = _live(tiny_artifact, tmp_path / "state")
+    _post(live, [("d", "newbie", "3", "dislike", None)])
+    before = live.recommend_many(["newbie"], 5, False)[0]
+    asyncio.run(live.close())
+    assert before.fallback
+    version = _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root")
+    restarted = _live(version, tmp_path / "state")
+    assert restarted.users.get("newbie") < restarted.n_trained_users  # a trained row now
+    after = restarted.recommend_many(["newbie", "0"], 5, False)
+    assert after[0].fallback  # popularity as before the retrain (the new version's counts)
+    assert "3" not in after[0].items
+    assert not after[1].fallback  # a dataset user is ranked from the model as before
+    asyncio.run(restarted.close())
+
+
 def test_history_names_dataset_dislikes_by_sign_whatever_the_skip_weight(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
