@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +29,20 @@ class Ragged:
         return cls(indptr, np.ascontiguousarray(ids, dtype=np.int32))
 
 
+def _widths(pool: np.ndarray, at_least: np.ndarray | None) -> np.ndarray:
+    return pool if at_least is None else np.maximum(pool, at_least)
+
+
 def candidates(
-    index: ItemIndex, queries: np.ndarray, seen: np.ndarray, k: int, config: RankingConfig
+    index: ItemIndex,
+    queries: np.ndarray,
+    seen: np.ndarray,
+    k: int,
+    config: RankingConfig,
+    at_least: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS candidates per row: its pool is the top ``base + max(pad, seen)`` items.
+    """FAISS candidates per row: its pool is the top ``base + max(pad, seen)`` items, or
+    ``at_least`` of them where that is deeper.
 
     ``base`` unseen candidates always remain after exclusion. The common search covers the pad;
     only rows whose history is longer are searched again to their own depth, so one heavy user
@@ -39,7 +50,7 @@ def candidates(
     user's pool does not depend on who shares the batch.
     """
     base = max(config.candidate_min, k * config.candidate_multiplier)
-    pool = base + np.maximum(seen, config.exclusion_pad)
+    pool = _widths(base + np.maximum(seen, config.exclusion_pad), at_least)
     common = min(base + config.exclusion_pad, index.size)
     heavy = pool > common
     if not heavy.any():
@@ -60,12 +71,18 @@ def candidates(
 
 
 def popular_pool(
-    order: np.ndarray, order_scores: np.ndarray, seen: np.ndarray, k: int, config: RankingConfig
+    order: np.ndarray,
+    order_scores: np.ndarray,
+    seen: np.ndarray,
+    k: int,
+    config: RankingConfig,
+    at_least: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The most popular items as every row's candidates, each row's pool as deep as
     :func:`candidates` would search it (ids beyond it -1), best first."""
     base = max(config.candidate_min, k * config.candidate_multiplier)
-    pool = np.minimum(base + np.maximum(seen, config.exclusion_pad), len(order))
+    pool = np.minimum(_widths(base + np.maximum(seen, config.exclusion_pad), at_least),
+                      len(order))  # fmt: skip
     depth = int(pool.max()) if len(pool) else 0
     ids = np.broadcast_to(order[:depth].astype(np.int64), (len(seen), depth)).copy()
     ids[np.arange(depth)[None, :] >= pool[:, None]] = -1
@@ -110,3 +127,40 @@ def rank_pool(
         float(gamma),
         int(k),
     )
+
+
+Pools = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+Ranks = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def unproven(
+    pool_scores: np.ndarray, pool_ids: np.ndarray, ranked: np.ndarray, n_items: int
+) -> np.ndarray:
+    """Rows whose pool cannot prove their ranked top k. Penalties only lower scores, so an item
+    outside a pool scores at most the pool's last raw score (relative to the row's best, as
+    :func:`rank_pool` scales it); a k-th score below that, or fewer than k results, leaves the
+    row open unless the pool already holds the whole catalogue."""
+    depth = (pool_ids >= 0).sum(axis=1)
+    rows = np.arange(len(depth))
+    top = np.abs(pool_scores[:, :1])
+    scaled = pool_scores / np.where(top > 0, top, 1.0)
+    last = scaled[rows, np.maximum(depth - 1, 0)]
+    return (depth < n_items) & (depth > 0) & ~(ranked[:, -1] >= last)
+
+
+def rank_proven(pools: Pools, rank: Ranks, n_rows: int, k: int, n_items: int
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Top-k (ids int32, scores float32) of every row, exact for its scoring: ``pools(rows,
+    at_least)`` gives candidate pools and ``rank(rows, scores, ids)`` ranks them; a row its pool
+    cannot prove (large k, strong penalties) is searched again twice as deep until it can."""
+    out_ids = np.full((n_rows, k), -1, np.int32)
+    out_scores = np.full((n_rows, k), -np.inf, np.float32)
+    rows = np.arange(n_rows)
+    at_least: np.ndarray | None = None
+    while rows.size:
+        scores, ids = pools(rows, at_least)
+        out_ids[rows], out_scores[rows] = rank(rows, scores, ids)
+        asked = np.maximum((ids >= 0).sum(axis=1), 1 if at_least is None else at_least)
+        again = unproven(scores, ids, out_scores[rows], n_items) & (asked < n_items)
+        rows, at_least = rows[again], np.minimum(2 * asked[again], n_items)
+    return out_ids, out_scores

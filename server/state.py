@@ -48,7 +48,7 @@ from server.feedback import rating_strength, strengths_by_kind
 from server.graph import DATASET_STRENGTH
 from server.index import ItemIndex
 from server.propensity import Propensity
-from server.ranking import Ragged, candidates, popular_pool, rank_pool
+from server.ranking import Ragged, candidates, popular_pool, rank_pool, rank_proven
 
 log = logging.getLogger("signedrec.state")
 
@@ -912,18 +912,10 @@ class LiveState:
             rows = np.flatnonzero(personal == is_personal)
             if not rows.size:
                 continue
-            excl = Ragged.from_lists([excluded[r] for r in rows])
-            neg = Ragged.from_lists([disliked[r] for r in rows])
-            logits = (side.propensity.user_logit(counts[rows, 0], counts[rows, 1])
-                      if side.beta else None)  # fmt: skip
-            if is_personal:
-                pool = candidates(side.index, np.ascontiguousarray(queries[rows]),
-                                  np.diff(excl.indptr), k, self.config.ranking)  # fmt: skip
-            else:
-                pool = popular_pool(side.popular, side.popular_scores, np.diff(excl.indptr), k,
-                                    self.config.ranking)  # fmt: skip
-            ids, scores = rank_pool(*pool, side.unit, excl, neg, k, side.gamma, side.propensity,
-                                    logits, side.beta)  # fmt: skip
+            ids, scores = self._rank_group(
+                queries[rows] if is_personal else None, [excluded[r] for r in rows],
+                [disliked[r] for r in rows], counts[rows], k,
+            )  # fmt: skip
             for row, (r_ids, r_scores) in zip(rows.tolist(), zip(ids, scores, strict=True),
                                                strict=True):  # fmt: skip
                 keep = r_ids >= 0
@@ -937,6 +929,36 @@ class LiveState:
                     # Packed (8 bytes an item): lists of ids and floats took ~49 bytes an item.
                     packed = np.concatenate([kept_ids, kept_scores.view(np.int32)]).tobytes()
                     self.cache.put(known[row], (k, include_liked), packed)
+
+    def _rank_group(
+        self,
+        queries: np.ndarray | None,
+        excluded: list[np.ndarray],
+        disliked: list[np.ndarray],
+        counts: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of users ranked from their ``queries`` (None: from the popularity list), with
+        their exclusions, recent dislikes and (likes, dislikes) counts; exact for the scoring."""
+        side, config = self.item_side, self.config.ranking
+        seen = np.fromiter((len(x) for x in excluded), np.int64, len(excluded))
+        logits = side.propensity.user_logit(counts[:, 0], counts[:, 1]) if side.beta else None
+
+        def pools(rows: np.ndarray, at_least: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            if queries is None:
+                return popular_pool(side.popular, side.popular_scores, seen[rows], k, config,
+                                    at_least)  # fmt: skip
+            return candidates(side.index, np.ascontiguousarray(queries[rows]), seen[rows], k,
+                              config, at_least)  # fmt: skip
+
+        def rank(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+            excl = Ragged.from_lists([excluded[r] for r in rows.tolist()])
+            neg = Ragged.from_lists([disliked[r] for r in rows.tolist()])
+            return rank_pool(scores, ids, side.unit, excl, neg, k, side.gamma, side.propensity,
+                             None if logits is None else logits[rows], side.beta)  # fmt: skip
+
+        return rank_proven(pools, rank, len(excluded), k, side.n_items)
 
     def _unpack(self, packed: bytes) -> Recommendation:
         """A memoised ranking back as a Recommendation (ids, then float32 scores)."""

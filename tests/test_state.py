@@ -459,3 +459,37 @@ def test_a_shutdown_during_replay_stops_it_and_the_next_start_replays_everything
     assert again.applied_seq == len(events)
     np.testing.assert_array_equal(again.vectors[: len(live.users)], live.vectors[: len(live.users)])
     asyncio.run(again.close())
+
+
+@pytest.mark.parametrize("k", [3, 12])
+def test_served_lists_are_the_exact_top_k_of_the_documented_score(
+    tiny_artifact: Path, tmp_path: Path, k: int
+) -> None:
+    """score/best - gamma * max(0, cosine to recent dislikes) - beta * P(dislike) over the
+    whole catalogue, minus what the user gave feedback on. The candidate pool is sized to survive
+    exclusion; strong penalties lifted items from outside it above items in it, and the server
+    never saw them (212 of 3,469 lists differed at k 200 on the embedded default)."""
+    env = {"SIGNEDREC_RANKING__SUPPRESSION_GAMMA": "1.0",
+           "SIGNEDREC_RANKING__PROPENSITY_BETA": "2.0",
+           "SIGNEDREC_RANKING__CANDIDATE_MIN": "1", "SIGNEDREC_RANKING__CANDIDATE_MULTIPLIER": "1",
+           "SIGNEDREC_RANKING__EXCLUSION_PAD": "0"}  # fmt: skip
+    live = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
+    side = live.item_side
+    users = [str(u) for u in range(live.n_trained_users)]
+    served = live.recommend_many(users, k, False)
+    widened = 0
+    for user, got in zip(range(live.n_trained_users), served, strict=True):
+        pos, neg = live._trained_edges(user)
+        likes, dislikes = live._trained_strengths(user)
+        raw = side.vectors @ live.vectors[user]
+        score = raw / np.float32(abs(raw.max()))
+        score -= np.float32(1.0) * np.maximum(0.0, (side.unit @ side.unit[neg].T).max(axis=1))
+        logit = side.propensity.user_logit(np.array([likes.sum()]), np.array([dislikes.sum()]))
+        score -= np.float32(2.0) * side.propensity.probability(logit, np.arange(side.n_items))[0]
+        score[np.concatenate([pos, neg])] = -np.inf
+        expected = np.argsort(-score, kind="stable")[:k]
+        assert got.items == [str(i) for i in expected], user
+        np.testing.assert_allclose(got.scores, score[expected], rtol=1e-5, atol=1e-5)
+        # The first pool (k + seen items) ends above an item this list holds: it was widened.
+        widened += bool(set(expected.tolist()) - set(np.argsort(-raw)[: k + len(pos) + len(neg)]))
+    assert widened > 0  # the case this guards is exercised
