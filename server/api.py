@@ -15,9 +15,9 @@ from typing import Annotated, Any
 
 import msgspec
 import uvicorn
-from litestar import Litestar, MediaType, Request, Response, Router, get, post
+from litestar import Litestar, MediaType, Request, Response, Router, get, head, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, NotFoundException
+from litestar.exceptions import HTTPException, InternalServerException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, Parameter
 from prometheus_client import generate_latest
@@ -29,6 +29,7 @@ from server.errors import (
     ArtifactError,
     BodyTooLargeError,
     ForbiddenError,
+    IncompleteBodyError,
     InvalidEventError,
     InvalidRequestError,
     LogCorruptError,
@@ -87,6 +88,7 @@ STATUS: dict[type[SignedrecError], int] = {
     ArtifactError: 409,
     NoPreviousVersionError: 409,
     MalformedJsonError: 400,
+    IncompleteBodyError: 400,
     SchemaError: 422,
     InvalidRequestError: 422,
     InvalidEventError: 422,
@@ -131,7 +133,10 @@ def http_error(_: Request, exc: HTTPException) -> Response:
     first = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
     if isinstance(first, dict) and "key" in first:
         detail["field"] = first["key"]  # as a domain check names it: one place to look
-    return _error_response(status, code, str(exc.detail), detail)
+    response = _error_response(status, code, str(exc.detail), detail)
+    if status == 405 and exc.headers and "allow" in {h.lower() for h in exc.headers}:
+        response.headers.update(exc.headers)  # RFC 9110: a 405 names the methods allowed
+    return response
 
 
 @get("/{path:str}", include_in_schema=False, sync_to_thread=False)
@@ -172,6 +177,17 @@ def readyz(request: Request) -> Response:
         status="ready", model_version=s.item_side.version, events_applied=s.events_applied
     )
     return Response(msgspec.json.encode(body), media_type=MediaType.JSON)
+
+
+@head("/healthz", sync_to_thread=False, include_in_schema=False)
+def healthz_head() -> None:
+    """Liveness for probes that send HEAD (load balancers, uptime monitors)."""
+
+
+@head("/readyz", sync_to_thread=False, include_in_schema=False)
+def readyz_head(request: Request) -> Response[None]:
+    """Readiness for probes that send HEAD: the status of GET /readyz, no body."""
+    return Response(None, status_code=200 if _service(request).state is not None else 503)
 
 
 @get("/metrics", sync_to_thread=False, media_type=MediaType.TEXT)
@@ -244,7 +260,7 @@ async def feedback(request: Request) -> FeedbackOut:
 async def _feedback(
     service: Service, state: LiveState, request: Request, started: float
 ) -> FeedbackOut:
-    body = await request.body()
+    body = await _read_body(request)
     limits = state.config.server
     if len(body) > limits.max_body_bytes:
         raise BodyTooLargeError(f"body exceeds {limits.max_body_bytes} bytes")
@@ -278,6 +294,14 @@ async def _feedback(
     service.metrics.duplicates.inc(duplicates)
     service.metrics.latency.labels("feedback").observe(time.perf_counter() - started)
     return FeedbackOut(accepted=len(fresh), duplicates=duplicates)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The whole body; one that ends early is the client's fault (400), not a 500."""
+    try:
+        return await request.body()
+    except InternalServerException as exc:  # litestar's answer to a disconnect mid-body
+        raise IncompleteBodyError(f"the request body ended early: {exc.detail}") from None
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
@@ -377,7 +401,7 @@ async def reload_model(request: Request) -> ModelOut:
     service = _service(request)
     # Admin calls spend from the caller's bucket like any other: a reload loads a whole version.
     admit(service.guard, service.limiter, "admin", request.headers, _client(request))
-    body = await request.body()
+    body = await _read_body(request)
     wanted = _decode(RELOAD_DECODER, body) if body.strip() else ReloadIn()
     await service.switch(wanted.version)
     return service.describe()
@@ -414,7 +438,9 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
     return Litestar(
         route_handlers=[
             healthz,
+            healthz_head,
             readyz,
+            readyz_head,
             metrics,
             recommendations,
             feedback,

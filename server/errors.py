@@ -73,6 +73,12 @@ class SchemaError(SignedrecError):
     code = "invalid_body"
 
 
+class IncompleteBodyError(SignedrecError):
+    """A request body that ended before it was complete (the client went away, bad framing)."""
+
+    code = "incomplete_body"
+
+
 class BodyTooLargeError(SignedrecError):
     """A request body beyond the configured size."""
 

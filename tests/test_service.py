@@ -295,6 +295,20 @@ def test_read_errors(server: Server, path: str, status: int, code: str) -> None:
         assert r.json()["error"]["detail"]["field"] == path.split("?")[1].split("=")[0]
 
 
+def test_a_wrong_method_names_the_allowed_ones_and_probes_may_send_head(server: Server) -> None:
+    """RFC 9110: a 405 carries Allow (it was dropped when the error body was rebuilt); load
+    balancers and uptime monitors probe with HEAD, which every route refused."""
+    for method, path, allowed in (("DELETE", "/v1/recommendations/5", "GET"),
+                                  ("GET", "/v1/feedback", "POST")):  # fmt: skip
+        r = server.client.request(method, path)
+        assert r.status_code == 405, r.text
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert allowed in r.headers["allow"]
+    for path in ("/healthz", "/readyz"):
+        r = server.client.head(path)
+        assert (r.status_code, r.content) == (200, b""), path
+
+
 def test_a_burst_of_new_connections_is_served(server: Server) -> None:
     """Clients connecting at once beyond a small listen backlog are all answered promptly.
 

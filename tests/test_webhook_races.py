@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -215,3 +216,43 @@ def test_a_body_that_is_not_utf8_is_malformed_json(
             assert answer.json()["error"]["code"] == "malformed_json"
 
     run(scenario())
+
+
+@pytest.mark.parametrize("route", ["/v1/feedback", "/v1/admin/model/reload"])
+def test_a_body_cut_off_by_a_disconnect_is_a_client_error(
+    tiny_artifact: Path, tmp_path: Path, route: str
+) -> None:
+    """The client went away (or broke the chunked framing) mid-body: granian passes that on as
+    a disconnect, which litestar raises as a 500; it is the request's fault, a 400, and nothing
+    of the partial body is applied."""
+    app = create_app(tiny_artifact, tmp_path / "state", load_config(env={}))
+    service: Service = app.state["service"]
+    sent: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        with mock.patch("server.service.tune_gc", return_value=None):
+            await service.start()
+        chunks = iter([{"type": "http.request", "body": b'[{"event_id": "e1", "user_',
+                        "more_body": True}, {"type": "http.disconnect"}])  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return next(chunks, {"type": "http.disconnect"})
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": route, "raw_path": route.encode(),
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                 "server": ("test", 80),
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        service.stopping = True
+        await service.live().close()
+
+    run(scenario())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 400, body
+    assert json.loads(body)["error"]["code"] == "incomplete_body"
+    assert logged(tmp_path / "state") == []
