@@ -66,9 +66,17 @@ class TrainedHistory:
         self._order = np.argsort(users, kind="stable")  # seq order within each user
         self._indptr = np.zeros(n_users + 1, np.int64)
         np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=self._indptr[1:])
+        self._seqs = arrays["log_seqs"]
         self._items, self._kinds = arrays["log_items"], arrays["log_kinds"]
         self._values, self._ts = arrays["log_values"], arrays["log_ts"]
         self._offsets, self._ids = arrays["log_id_offsets"], arrays["log_id_bytes"]
+
+    def event_ids(self, after: int, before: int) -> list[str]:
+        """Ids of the logged events it holds with ``after < seq < before``, in seq order."""
+        rows = np.flatnonzero((self._seqs > after) & (self._seqs < before))
+        rows = rows[np.argsort(self._seqs[rows], kind="stable")]
+        data, offsets = self._ids.tobytes(), self._offsets
+        return [data[offsets[r] : offsets[r + 1]].decode() for r in rows.tolist()]
 
     def items_of(self, user: int) -> np.ndarray:
         """The items of a trained user's logged events (their pairs' latest sign is logged)."""
@@ -558,7 +566,20 @@ class LiveState:
         (their feedback is in its graph already), so a late retry of one stays a duplicate."""
         if self.log is None:
             raise RuntimeError("_remember_trained_ids: the log is not open")
-        start = max(self.watermark - self.config.log.dedup_window, first_seq - 1)
+        window_start = self.watermark - self.config.log.dedup_window
+        if window_start < first_seq - 1 and first_seq > 1:
+            # Retention dropped part of the window from the log (a window raised since): the
+            # version still holds each user's latest logged events, ids included.
+            held = self._trained_history.event_ids(window_start, first_seq)
+            self.event_ids.add(held)
+            missing = min(first_seq - 1, self.watermark) - max(window_start, 0) - len(held)
+            if missing > 0:
+                log.warning(
+                    "the idempotency window reaches back to seq %d but the log starts at %d: "
+                    "retries of %d trained events there are not recognised as duplicates",
+                    window_start + 1, first_seq, missing,
+                )  # fmt: skip
+        start = max(window_start, first_seq - 1)
         for batch in self.log.replay(after_seq=start):
             ids = [record.event_id for record in batch if record.seq <= self.watermark]
             self.event_ids.add(ids)

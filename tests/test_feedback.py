@@ -506,6 +506,28 @@ def test_a_newcomer_stays_one_once_a_version_is_trained_on_its_log(
     asyncio.run(restarted.close())
 
 
+def test_a_window_raised_after_retention_still_knows_the_trained_ids(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Retention keeps the log back to (watermark - dedup_window); a window raised later was
+    refilled from the log alone, so retries of trained events that retention had dropped were
+    accepted and applied twice. The version's logged-event ids fill that part."""
+    small = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__DEDUP_WINDOW": "2"}
+    live = _live(tiny_artifact, tmp_path / "state", small)
+    for n in range(30):  # one commit each, so the log rolls over into several segments
+        _post(live, [(f"e{n}", str(n % 5), str(n % N_ITEMS), "like", None)])
+    asyncio.run(live.close())
+    version = _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root")
+    log, _ = EventLog.open(tmp_path / "state" / "events", load_config(env=small).log)
+    assert log.drop_segments_before(30 - 2) > 0  # what retention does once every version has it
+    first = log.first_seq
+    log.close_sync()
+    assert first > 1
+    restarted = _live(version, tmp_path / "state", {**small, "SIGNEDREC_LOG__DEDUP_WINDOW": "1000"})
+    assert [n for n in range(30) if f"e{n}" not in restarted.event_ids] == []
+    asyncio.run(restarted.close())
+
+
 def test_history_names_dataset_dislikes_by_sign_whatever_the_skip_weight(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
