@@ -265,6 +265,7 @@ class Service:
                 if not rollback and version != self.pinned:
                     self.pinned = version  # "reload the newest" unpins even when it is active
                     await self._save_rollout()
+                await self.prune_log(state)  # versions may have been removed since
                 return
             side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
             # A version trained on another server's log would take over now and refuse this

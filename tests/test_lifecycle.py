@@ -644,3 +644,32 @@ def test_a_reload_reading_a_damaged_log_is_a_server_error(
     finally:
         srv.stop()
     assert "log_corrupt (answered 500)" in srv.log_path.read_text()
+
+
+def test_reloading_the_active_version_applies_retention(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Retention runs after each reload: an operator removes the last version that needed the
+    old events, then reloads; with the asked version already active nothing was pruned until
+    a restart."""
+    root, state = tmp_path / "artifacts", tmp_path / "state"
+    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
+    env = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__RETENTION": "trained",
+           "SIGNEDREC_LOG__DEDUP_WINDOW": "2",
+           "SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}  # fmt: skip
+    srv = _server(root, state, env)
+    try:
+        for n in range(12):  # one commit each, so the log rolls over into several segments
+            event = _event(str(n % 5), str(n + 8), "like")
+            assert srv.client.post("/v1/feedback", json=[event], headers=ADMIN).status_code == 200
+        trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
+        assert trained.returncode == 0, trained.stderr
+        on_log = Path(trained.stdout.strip().splitlines()[-1]).name
+        assert _admin(srv, "reload", on_log).status_code == 200
+        segments = sorted((state / "events").glob("events-*.log"))
+        shutil.rmtree(root / tiny_artifact.name)  # the version that needed every event
+        assert _admin(srv, "reload", on_log).status_code == 200  # already active
+        assert "log segments with events up to seq 10" in srv.log_path.read_text()
+        assert segments[0] not in sorted((state / "events").glob("events-*.log"))
+    finally:
+        srv.stop()
