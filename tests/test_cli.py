@@ -232,3 +232,16 @@ def test_train_events_that_is_a_file_says_so(
     code = main(_train_args(tiny_dataset, tmp_path / "o", "--events", str(log)))
     assert code == 2
     assert f"event log {log} is not a directory" in _one_error_line(capsys, "train")
+
+
+def test_a_root_and_its_versions_share_the_default_state_dir(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving a version by name (as the README shows) started on a fresh, empty state dir named
+    after the version: every user's logged feedback gone and retries applied again."""
+    from server.api import default_state_dir
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    root = tiny_artifact.parent
+    assert default_state_dir(root) == tmp_path / "xdg" / "signedrec" / root.name
+    assert default_state_dir(tiny_artifact) == default_state_dir(root)
