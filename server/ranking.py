@@ -141,10 +141,10 @@ def unproven(
     :func:`rank_pool` scales it); a k-th score below that, or fewer than k results, leaves the
     row open unless the pool already holds the whole catalogue."""
     depth = (pool_ids >= 0).sum(axis=1)
-    rows = np.arange(len(depth))
-    top = np.abs(pool_scores[:, :1])
-    scaled = pool_scores / np.where(top > 0, top, 1.0)
-    last = scaled[rows, np.maximum(depth - 1, 0)]
+    top = np.abs(pool_scores[:, 0])
+    last = pool_scores[np.arange(len(depth)), np.maximum(depth - 1, 0)] / np.where(
+        top > 0, top, 1.0
+    )
     return (depth < n_items) & (depth > 0) & ~(ranked[:, -1] >= last)
 
 
