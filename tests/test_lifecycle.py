@@ -584,13 +584,13 @@ def test_a_corrupt_newest_version_still_stops_the_start(tmp_path: Path) -> None:
     assert "checksum mismatch" in refused.stderr.strip().splitlines()[-1]
 
 
-def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_server_holds(
+def _pruning_server(
     tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
-) -> None:
-    """The server started on a dataset-only version, moved to one trained on its log, and
-    retention pruned the log. A dataset-only version (watermark 0) added back has the graph the
-    server started on, so the reload check passed it over (200, pinned) and the restart after a
-    crash exited 2; it is refused (409) like any version needing dropped events."""
+) -> tuple[Server, Path, Path, str]:
+    """A server under log retention (small segments, a dedup window of 2) on a root with the tiny
+    dataset-only version, after 12 events, each its own commit so the log rolls over into several
+    segments, and a version trained on them; returns it, the root, the state dir and that
+    version's name. The caller stops the server."""
     root, state = tmp_path / "artifacts", tmp_path / "state"
     shutil.copytree(tiny_artifact, root / tiny_artifact.name)
     env = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__RETENTION": "trained",
@@ -598,12 +598,26 @@ def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_serv
            "SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}  # fmt: skip
     srv = _server(root, state, env)
     try:
-        for n in range(12):  # one commit each, so the log rolls over into several segments
+        for n in range(12):
             event = _event(str(n % 5), str(n + 8), "like" if n % 3 else "dislike")
             assert srv.client.post("/v1/feedback", json=[event], headers=ADMIN).status_code == 200
         trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
         assert trained.returncode == 0, trained.stderr
-        on_log = Path(trained.stdout.strip().splitlines()[-1]).name
+    except BaseException:
+        srv.stop()
+        raise
+    return srv, root, state, Path(trained.stdout.strip().splitlines()[-1]).name
+
+
+def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_server_holds(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The server started on a dataset-only version, moved to one trained on its log, and
+    retention pruned the log. A dataset-only version (watermark 0) added back has the graph the
+    server started on, so the reload check passed it over (200, pinned) and the restart after a
+    crash exited 2; it is refused (409) like any version needing dropped events."""
+    srv, root, _, on_log = _pruning_server(tiny_dataset, tiny_artifact, tmp_path)
+    try:
         shutil.move(root / tiny_artifact.name, tmp_path / "aside")
         assert _admin(srv, "reload", on_log).status_code == 200  # then retention prunes
         deadline = time.monotonic() + 30.0
@@ -652,19 +666,8 @@ def test_reloading_the_active_version_applies_retention(
     """Retention runs after each reload: an operator removes the last version that needed the
     old events, then reloads; with the asked version already active nothing was pruned until
     a restart."""
-    root, state = tmp_path / "artifacts", tmp_path / "state"
-    shutil.copytree(tiny_artifact, root / tiny_artifact.name)
-    env = {"SIGNEDREC_LOG__SEGMENT_BYTES": "300", "SIGNEDREC_LOG__RETENTION": "trained",
-           "SIGNEDREC_LOG__DEDUP_WINDOW": "2",
-           "SIGNEDREC_ACCESS__KEYS": '{"k-admin": "admin"}'}  # fmt: skip
-    srv = _server(root, state, env)
+    srv, root, state, on_log = _pruning_server(tiny_dataset, tiny_artifact, tmp_path)
     try:
-        for n in range(12):  # one commit each, so the log rolls over into several segments
-            event = _event(str(n % 5), str(n + 8), "like")
-            assert srv.client.post("/v1/feedback", json=[event], headers=ADMIN).status_code == 200
-        trained = _train_on_log(tiny_dataset, root, state, root / tiny_artifact.name)
-        assert trained.returncode == 0, trained.stderr
-        on_log = Path(trained.stdout.strip().splitlines()[-1]).name
         assert _admin(srv, "reload", on_log).status_code == 200
         segments = sorted((state / "events").glob("events-*.log"))
         shutil.rmtree(root / tiny_artifact.name)  # the version that needed every event
