@@ -23,7 +23,7 @@ from litestar.params import FromPath, FromQuery, Parameter
 from prometheus_client import generate_latest
 
 from server.access import admit
-from server.artifacts import MANIFEST, list_versions
+from server.artifacts import list_versions, root_of
 from server.config import Config, load_config
 from server.errors import (
     ArtifactError,
@@ -476,10 +476,7 @@ def default_state_dir(artifact: Path) -> Path:
     version of a root shares the root's, so serving one by name keeps the users' feedback."""
     # An unset or empty XDG_DATA_HOME means the default (XDG Base Directory spec).
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    root = artifact.resolve()
-    if (root / MANIFEST).is_file():  # a version directory
-        root = root.parent
-    return base / "signedrec" / root.name
+    return base / "signedrec" / root_of(artifact.resolve()).name
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -407,6 +407,16 @@ def list_versions(root: Path) -> list[str]:
         raise ArtifactError(f"cannot read artifact root {root}: {exc.strerror or exc}") from None
 
 
+def is_version(path: Path) -> bool:
+    """True for a version directory (it holds a manifest), false for a root of versions."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def root_of(path: Path) -> Path:
+    """The artifact root a path names: a version directory's parent, or the root itself."""
+    return path.parent if is_version(path) else path
+
+
 def resolve(path: Path) -> Path:
     """A version directory from either a version dir or a root holding versions (newest wins)."""
     path = Path(path)

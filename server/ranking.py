@@ -29,7 +29,17 @@ class Ragged:
         return cls(indptr, np.ascontiguousarray(ids, dtype=np.int32))
 
 
-def _widths(pool: np.ndarray, at_least: np.ndarray | None) -> np.ndarray:
+def _base(k: int, config: RankingConfig) -> int:
+    """Unseen candidates every pool keeps after exclusion."""
+    return max(config.candidate_min, k * config.candidate_multiplier)
+
+
+def _pool_sizes(
+    seen: np.ndarray, k: int, config: RankingConfig, at_least: np.ndarray | None
+) -> np.ndarray:
+    """Each row's pool: ``base`` unseen candidates past its ``seen`` items (at least the pad),
+    or ``at_least`` where that is deeper."""
+    pool = _base(k, config) + np.maximum(seen, config.exclusion_pad)
     return pool if at_least is None else np.maximum(pool, at_least)
 
 
@@ -49,9 +59,8 @@ def candidates(
     no longer deepens the search (and its heap work) for every request batched with it, and a
     user's pool does not depend on who shares the batch.
     """
-    base = max(config.candidate_min, k * config.candidate_multiplier)
-    pool = _widths(base + np.maximum(seen, config.exclusion_pad), at_least)
-    common = min(base + config.exclusion_pad, index.size)
+    pool = _pool_sizes(seen, k, config, at_least)
+    common = min(_base(k, config) + config.exclusion_pad, index.size)
     heavy = pool > common
     if not heavy.any():
         return index.search(queries, common)
@@ -80,9 +89,7 @@ def popular_pool(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The most popular items as every row's candidates, each row's pool as deep as
     :func:`candidates` would search it (ids beyond it -1), best first."""
-    base = max(config.candidate_min, k * config.candidate_multiplier)
-    pool = np.minimum(_widths(base + np.maximum(seen, config.exclusion_pad), at_least),
-                      len(order))  # fmt: skip
+    pool = np.minimum(_pool_sizes(seen, k, config, at_least), len(order))
     depth = int(pool.max()) if len(pool) else 0
     ids = np.broadcast_to(order[:depth].astype(np.int64), (len(seen), depth)).copy()
     ids[np.arange(depth)[None, :] >= pool[:, None]] = -1
@@ -134,13 +141,12 @@ Ranks = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndar
 
 
 def unproven(
-    pool_scores: np.ndarray, pool_ids: np.ndarray, ranked: np.ndarray, n_items: int
+    pool_scores: np.ndarray, depth: np.ndarray, ranked: np.ndarray, n_items: int
 ) -> np.ndarray:
-    """Rows whose pool cannot prove their ranked top k. Penalties only lower scores, so an item
-    outside a pool scores at most the pool's last raw score (relative to the row's best, as
-    :func:`rank_pool` scales it); a k-th score below that, or fewer than k results, leaves the
-    row open unless the pool already holds the whole catalogue."""
-    depth = (pool_ids >= 0).sum(axis=1)
+    """Rows whose pool (``depth`` candidates each) cannot prove their ranked top k. Penalties
+    only lower scores, so an item outside a pool scores at most the pool's last raw score
+    (relative to the row's best, as :func:`rank_pool` scales it); a k-th score below that, or
+    fewer than k results, leaves the row open unless the pool holds the whole catalogue."""
     top = np.abs(pool_scores[:, 0])
     last = pool_scores[np.arange(len(depth)), np.maximum(depth - 1, 0)] / np.where(
         top > 0, top, 1.0
@@ -160,7 +166,8 @@ def rank_proven(pools: Pools, rank: Ranks, n_rows: int, k: int, n_items: int
     while rows.size:
         scores, ids = pools(rows, at_least)
         out_ids[rows], out_scores[rows] = rank(rows, scores, ids)
-        asked = np.maximum((ids >= 0).sum(axis=1), 1 if at_least is None else at_least)
-        again = unproven(scores, ids, out_scores[rows], n_items) & (asked < n_items)
+        depth = (ids >= 0).sum(axis=1)
+        asked = np.maximum(depth, 1 if at_least is None else at_least)
+        again = unproven(scores, depth, out_scores[rows], n_items) & (asked < n_items)
         rows, at_least = rows[again], np.minimum(2 * asked[again], n_items)
     return out_ids, out_scores

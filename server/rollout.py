@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from server.artifacts import MANIFEST, list_versions
+from server.artifacts import is_version, list_versions, root_of
 from server.config import Base
 from server.durable import atomic_write
 
@@ -54,8 +54,8 @@ def choose(artifact: Path, state_dir: Path) -> tuple[Path, Rollout]:
     when that is still on disk, else its newest.
     """
     saved = read(state_dir)
-    explicit = (artifact / MANIFEST).is_file()
-    root = artifact.parent if explicit else artifact
+    explicit = is_version(artifact)
+    root = root_of(artifact)
     versions = list_versions(root)
     pinned = saved.pinned
     if explicit:
@@ -79,7 +79,7 @@ def older_versions(artifact: Path, rollout: Rollout, chosen: Path) -> list[Path]
     """Versions to fall back to, newest first, when ``chosen`` cannot serve the state dir:
     only when following the newest (a root, nothing pinned); an explicit or pinned version is
     what the operator asked for, so its refusal stands."""
-    if (artifact / MANIFEST).is_file() or rollout.pinned is not None:
+    if is_version(artifact) or rollout.pinned is not None:
         return []
     versions = list_versions(artifact)
     return [artifact / v for v in reversed(versions) if v < chosen.name]

@@ -13,12 +13,12 @@ import kernels
 from server import rollout
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import (
-    MANIFEST,
     list_versions,
     load_artifact,
     numeric_metrics,
     read_manifest,
     resolve,
+    root_of,
 )
 from server.batcher import MicroBatcher
 from server.config import Config, ServerConfig
@@ -59,7 +59,7 @@ class Service:
         self.guard = Guard(config.access)
         self.limiter = RateLimiter(config.limits)
         self.inflight = InFlight(config.limits)
-        self.root = artifact if not (artifact / MANIFEST).is_file() else artifact.parent
+        self.root = root_of(artifact)
         self.previous: list[str] = []  # the rollback stack, oldest first
         self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
         self.swapping = asyncio.Lock()
@@ -261,34 +261,38 @@ class Service:
                 raise UnknownVersionError(f"no artifact version {version!r} under {self.root}",
                                           {"version": version})  # fmt: skip
             path = resolve(self.root) if version is None else self.root / version
-            if path.name == current:
-                if not rollback and version != self.pinned:
-                    self.pinned = version  # "reload the newest" unpins even when it is active
-                    await self._save_rollout()
-                await self.prune_log(state)  # versions may have been removed since
-                return
-            side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
-            # A version trained on another server's log would take over now and refuse this
-            # state dir at the next restart: refused here (409) instead.
-            await asyncio.to_thread(state.check_trained_log, side.artifact)
-            # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
-            # tracked and those users refolded when the new side goes live.
-            plan = state.begin_swap(side)
-            try:
-                vectors = await asyncio.to_thread(state.build_swap, plan)
-            except BaseException:
-                state.abort_swap()
-                raise
-            state.finish_swap(plan, vectors)
-            if rollback:
-                self.previous.pop()
-            else:
-                self.previous.append(current)
-            self.pinned = version
-            await self._save_rollout()
-            self.metrics.model.clear()
-            self.metrics.model.labels(side.version).set(1)
+            if path.name != current:
+                await self._swap_in(state, path, version, current, rollback)
+            elif not rollback and version != self.pinned:
+                self.pinned = version  # "reload the newest" unpins even when it is active
+                await self._save_rollout()
+        # After every reload, of the active version too: versions may have been removed since.
         await self.prune_log(state)
+
+    async def _swap_in(self, state: LiveState, path: Path, version: str | None, current: str,
+                       rollback: bool) -> None:  # fmt: skip
+        """Load ``path`` and make it the served version (under the swap lock)."""
+        side = await asyncio.to_thread(lambda: ItemSide(load_artifact(path), self.config))
+        # A version trained on another server's log would take over now and refuse this
+        # state dir at the next restart: refused here (409) instead.
+        await asyncio.to_thread(state.check_trained_log, side.artifact)
+        # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
+        # tracked and those users refolded when the new side goes live.
+        plan = state.begin_swap(side)
+        try:
+            vectors = await asyncio.to_thread(state.build_swap, plan)
+        except BaseException:
+            state.abort_swap()
+            raise
+        state.finish_swap(plan, vectors)
+        if rollback:
+            self.previous.pop()
+        else:
+            self.previous.append(current)
+        self.pinned = version
+        await self._save_rollout()
+        self.metrics.model.clear()
+        self.metrics.model.labels(side.version).set(1)
 
     def _trim_previous(self, current: str) -> None:
         """Drop rollback targets equal to the active version from the top of the stack (left

@@ -357,8 +357,7 @@ class LiveState:
         self.applied_seq = 0
         self.since_snapshot = 0
         self.log: EventLog | None = None
-        self._weights = config.events
-        w = config.events
+        self._weights = w = config.events
         # A trained skip is told from a dislike by its strength, when no dislike has that one.
         dislikes = (-DATASET_STRENGTH, w.dislike, w.rating_negative)
         self._named_skip = None if w.skip in dislikes else np.float32(w.skip)
