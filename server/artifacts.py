@@ -181,8 +181,9 @@ class Artifact:
 
     @property
     def version(self) -> str:
-        """The version string (the directory name)."""
-        return str(self.manifest["version"])
+        """The version: its directory's name, which reload and rollback take (the manifest's
+        ``version`` is the name it was trained under, kept when a copy is renamed)."""
+        return Path(os.path.abspath(self.path)).name
 
     @property
     def neg_weight(self) -> float:
