@@ -39,6 +39,7 @@ from server.errors import (
     NotReadyError,
     OverloadedError,
     RateLimitedError,
+    RolloutNotSavedError,
     SchemaError,
     SignedrecError,
     UnauthenticatedError,
@@ -98,6 +99,7 @@ STATUS: dict[type[SignedrecError], int] = {
     UnknownVersionError: 404,
     NotReadyError: 503,
     LogUnavailableError: 503,
+    RolloutNotSavedError: 503,
     LogCorruptError: 500,  # the server's own log: nothing a client can fix
 }
 # A domain error without a status is a server fault (config, data, a new class): never a 4xx.

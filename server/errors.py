@@ -145,6 +145,13 @@ class UnknownVersionError(SignedrecError):
     code = "unknown_version"
 
 
+class RolloutNotSavedError(SignedrecError):
+    """A reload or rollback whose choice could not be persisted (disk full): refused, so a
+    restart never serves another version than the one the operator was told is active."""
+
+    code = "rollout_not_saved"
+
+
 class LoadStopped(Exception):
     """Loading gave way to a shutdown that arrived meanwhile: not a failure, and nothing to
     save (no event is accepted before loading ends, and the log replays again next start)."""

@@ -13,6 +13,7 @@ import kernels
 from server import rollout
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import (
+    is_version,
     list_versions,
     load_artifact,
     numeric_metrics,
@@ -29,6 +30,7 @@ from server.errors import (
     LoadStopped,
     NoPreviousVersionError,
     NotReadyError,
+    RolloutNotSavedError,
     SignedrecError,
     StateMismatchError,
     UnknownVersionError,
@@ -102,6 +104,13 @@ class Service:
         try:
             return self._open_first_usable(path, rollout.older_versions(self.artifact, choice,
                                                                         path))  # fmt: skip
+        except SignedrecError as exc:
+            if choice.pinned is not None and not is_version(self.artifact):
+                # The operator named a root: say why this version and not the newest.
+                exc.message += (f" (version {choice.pinned} is pinned by "
+                                f"{self.state_dir / rollout.FILE}, written by an earlier reload "
+                                "or rollback; delete that file to serve the newest)")  # fmt: skip
+            raise
         finally:
             if paused:
                 gc.enable()  # start() then collects once and freezes (tune_gc)
@@ -252,7 +261,10 @@ class Service:
                 if rollback:  # gone from disk: drop it, so the next rollback can go further back
                     self.previous.pop()
                     self._trim_previous(current)
-                    await self._save_rollout()
+                    try:  # a restart drops vanished targets anyway: failing to save costs nothing
+                        await self._save_rollout(self.pinned, self.previous)
+                    except RolloutNotSavedError as exc:
+                        log.warning("%s", exc.message)
                     raise UnknownVersionError(
                         f"the rollback target {version!r} is no longer under {self.root}; it was "
                         f"dropped from the rollback history ({len(self.previous)} left)",
@@ -264,8 +276,9 @@ class Service:
             if path.name != current:
                 await self._swap_in(state, path, version, current, rollback)
             elif not rollback and version != self.pinned:
-                self.pinned = version  # "reload the newest" unpins even when it is active
-                await self._save_rollout()
+                # "reload the newest" unpins even when it is active
+                await self._save_rollout(version, self.previous)
+                self.pinned = version
         # After every reload, of the active version too: versions may have been removed since.
         await self.prune_log(state)
 
@@ -279,18 +292,17 @@ class Service:
         # Users' vectors are rebuilt in a worker thread; events applied meanwhile are
         # tracked and those users refolded when the new side goes live.
         plan = state.begin_swap(side)
+        previous = self.previous[:-1] if rollback else [*self.previous, current]
         try:
             vectors = await asyncio.to_thread(state.build_swap, plan)
+            # Saved before the swap: a choice that cannot be saved is refused, not served until
+            # the next restart quietly returns to another version.
+            await self._save_rollout(version, previous)
         except BaseException:
             state.abort_swap()
             raise
         state.finish_swap(plan, vectors)
-        if rollback:
-            self.previous.pop()
-        else:
-            self.previous.append(current)
-        self.pinned = version
-        await self._save_rollout()
+        self.previous, self.pinned = previous, version
         self.metrics.model.clear()
         self.metrics.model.labels(side.version).set(1)
 
@@ -323,13 +335,16 @@ class Service:
             log.info("dropped %d log segments with events up to seq %d: every version under %s "
                      "was trained on them", dropped, bound, self.root)  # fmt: skip
 
-    async def _save_rollout(self) -> None:
-        """Persist the pinned version and rollback stack; a failure only costs them on restart."""
-        choice = rollout.Rollout(pinned=self.pinned, previous=tuple(self.previous))
+    async def _save_rollout(self, pinned: str | None, previous: list[str]) -> None:
+        """Persist the pinned version and rollback stack, or raise RolloutNotSavedError."""
+        choice = rollout.Rollout(pinned=pinned, previous=tuple(previous))
         try:
             await asyncio.to_thread(rollout.write, self.state_dir, choice)
         except OSError as exc:
-            log.warning("model choice not saved (a restart serves the newest version): %s", exc)
+            raise RolloutNotSavedError(
+                f"the model choice cannot be saved to {self.state_dir / rollout.FILE} "
+                f"({exc.strerror or exc}); the active version is unchanged"
+            ) from None
 
     def describe(self) -> ModelOut:
         """The active version, the one rollback would restore, and every version on disk."""
