@@ -156,6 +156,11 @@ def _cmd_versions(args: argparse.Namespace) -> int:
         except ArtifactError as exc:  # one bad version must not hide the others
             print(version, f"unusable: {exc.message}")
             continue
+        # Presence only (checksums would read every array): what reload would refuse at once.
+        missing = sorted(f for f in manifest["files"] if not (root / version / f).is_file())
+        if missing:
+            print(version, f"unusable: {', '.join(missing)} missing")
+            continue
         metrics = manifest.get("metrics")
         test = numeric_metrics(metrics.get("test") if isinstance(metrics, dict) else None)
         # The watermark tells an operator which logged events a version holds (log retention).

@@ -118,6 +118,20 @@ def test_versions_lists_an_unusable_version_and_goes_on(
     assert "ndcg@20(test)=" in lines[1]
 
 
+def test_versions_lists_a_version_missing_an_array_as_unusable(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version that lost a file (a partial copy) is what reload refuses: listed as such."""
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        shutil.copytree(tiny_artifact, root / name)
+    (root / "v2" / "item_ids.npy").unlink()
+    assert main(["versions", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "ndcg@20(test)=" in lines[0]
+    assert lines[1] == "v2 unusable: item_ids.npy missing"
+
+
 def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: Path) -> None:
     """What GET /v1/model answers: every version, with only its numeric metrics."""
     root = _root_with_an_odd_manifest(tiny_artifact, tmp_path / "root")

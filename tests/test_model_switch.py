@@ -4,10 +4,18 @@ and versions a pruned log can no longer serve."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 from pathlib import Path
+from unittest import mock
 
+import pytest
+
+from server import rollout
 from server.artifacts import load_artifact, save_artifact
+from server.config import load_config
+from server.errors import ArtifactError
+from server.service import Service
 from tests.conftest import N_ITEMS
 from tests.test_webhook_races import running
 
@@ -87,3 +95,81 @@ def test_a_version_needing_pruned_events_is_refused_by_reload(
     _version(root, tiny_artifact, "v2", watermark=250)  # as if trained on the log up to 250
     shutil.rmtree(root / "v1")
     asyncio.run(after_pruning())
+
+
+def test_a_renamed_copy_of_a_version_is_served_under_its_directory_name(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """A version copied in under another name (its manifest keeps the old one) is reported,
+    reloaded and rolled back by the name on disk, the one operators see and type."""
+    root = tmp_path / "root"
+    _version(root, tiny_artifact, "v1")
+    shutil.copytree(root / "v1", root / "v2-import")
+
+    async def scenario() -> None:
+        async with running(root, tmp_path / "state") as (client, service):
+            model = (await client.get("/v1/model")).json()
+            assert model["active"] == "v2-import"
+            assert [v["version"] for v in model["versions"] if v["active"]] == ["v2-import"]
+            answer = await client.post("/v1/admin/model/reload", json={"version": "v1"})
+            assert answer.status_code == 200
+            assert service.previous == ["v2-import"]
+            assert (await client.post("/v1/admin/model/rollback", json={})).status_code == 200
+            assert (await client.get("/v1/model")).json()["active"] == "v2-import"
+
+    asyncio.run(scenario())
+
+
+def test_a_choice_that_cannot_be_saved_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Disk full while saving rollout.json: the reload answers 503 and the old version keeps
+    serving, so a restart serves what the operator was told is active."""
+    root, state = tmp_path / "root", tmp_path / "state"
+    for name in ("v1", "v2"):
+        _version(root, tiny_artifact, name)
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        async with running(root, state) as (client, service):
+            with mock.patch("server.rollout.write", side_effect=full):
+                answer = await client.post("/v1/admin/model/reload", json={"version": "v1"})
+                assert answer.status_code == 503
+                assert answer.json()["error"]["code"] == "rollout_not_saved"
+                assert service.live().item_side.version == "v2"
+                assert (service.pinned, service.previous) == (None, [])
+            assert (await client.post("/v1/admin/model/reload", json={"version": "v1"})
+                    ).status_code == 200  # fmt: skip
+            with mock.patch("server.rollout.write", side_effect=full):
+                answer = await client.post("/v1/admin/model/rollback", json={})
+                assert answer.status_code == 503
+                assert service.live().item_side.version == "v1"
+                assert (service.pinned, service.previous) == ("v1", ["v2"])
+                # Reloading the newest while it is not active, and unpinning the active newest.
+                answer = await client.post("/v1/admin/model/reload", json={})
+                assert answer.status_code == 503
+                assert service.live().item_side.version == "v1"
+            assert rollout.read(state) == rollout.Rollout(pinned="v1", previous=("v2",))
+            assert (await client.post("/v1/admin/model/reload", json={})).status_code == 200
+            with mock.patch("server.rollout.write", side_effect=full):
+                # Pinning the active version (no swap) is refused all the same.
+                answer = await client.post("/v1/admin/model/reload", json={"version": "v2"})
+                assert answer.status_code == 503
+                assert service.pinned is None
+        assert rollout.read(state) == rollout.Rollout(pinned=None, previous=("v2", "v1"))
+
+    asyncio.run(scenario())
+
+
+def test_a_pinned_version_that_cannot_serve_names_the_pin(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The start stops on a damaged pinned version (no silent fallback), and says the version
+    was chosen by rollout.json, not by the --artifact the operator typed."""
+    root, state = tmp_path / "root", tmp_path / "state"
+    for name in ("v1", "v2"):
+        _version(root, tiny_artifact, name)
+    with (root / "v1" / "item_ids.npy").open("ab") as handle:
+        handle.write(b"rot")
+    rollout.write(state, rollout.Rollout(pinned="v1"))
+    with pytest.raises(ArtifactError, match="checksum mismatch") as refused:
+        Service(root, state, load_config(env={})).load()
+    assert f"pinned by {state / 'rollout.json'}" in refused.value.message
