@@ -44,6 +44,23 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
 
 
+def _from_another_site(headers: Mapping[str, str]) -> bool:
+    """True for a request a browser sent on behalf of another site's page.
+
+    Without keys, a page anywhere could post feedback or reload the model through its
+    visitors' browsers (a text/plain POST needs no CORS preflight). Browsers say where a request
+    comes from; servers and scripts send neither header, so they are unaffected.
+    """
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "cross-site"
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    # Older browsers: Origin only. "null" (a sandboxed or file: page) never matches a host.
+    return origin.partition("://")[2] != headers.get("host", "")
+
+
 class Guard:
     """Checks a request's key and role, and (for webhooks) its HMAC signature and age."""
 
@@ -62,6 +79,12 @@ class Guard:
         A valid key is its own identity; anyone else is identified by client address, so
         made-up keys can neither dodge the rate limit nor grow its table.
         """
+        if self.open and action != "read" and _from_another_site(headers):
+            raise ForbiddenError(
+                "no API keys are configured, so writes from a web page of another site are "
+                "refused (configure keys to accept browser clients)",
+                {"reason": "cross_site"},
+            )
         if self.open or (action == "read" and not self.config.read_requires_key):
             key = _bearer(headers)
             return key if key is not None and self._role(key) is not None else f"addr:{client}"

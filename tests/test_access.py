@@ -53,6 +53,37 @@ def test_open_mode_lets_everything_through() -> None:
     assert guard.check("read", {}, "10.0.0.9") != guard.check("read", {}, CLIENT)
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"sec-fetch-site": "cross-site", "origin": "https://evil.example"},
+        {"origin": "https://evil.example", "host": "recs.internal:8000"},
+        {"origin": "null", "host": "recs.internal:8000"},
+    ],
+)
+def test_open_mode_refuses_writes_from_another_sites_page(headers: dict[str, str]) -> None:
+    """Without keys, a browser posting for another site's page is refused; its reads are not."""
+    guard = Guard(AccessConfig())
+    for action in ("write", "admin"):
+        with pytest.raises(ForbiddenError, match="another site"):
+            guard.check(action, headers, CLIENT)
+    assert guard.check("read", headers, CLIENT) == f"addr:{CLIENT}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # servers and scripts
+        {"sec-fetch-site": "same-origin", "origin": "http://recs.internal:8000"},
+        {"sec-fetch-site": "same-site", "origin": "https://app.internal"},
+        {"sec-fetch-site": "none"},  # typed into the address bar
+        {"origin": "http://recs.internal:8000", "host": "recs.internal:8000"},
+    ],
+)
+def test_open_mode_accepts_writes_from_scripts_and_the_same_site(headers: dict[str, str]) -> None:
+    assert Guard(AccessConfig()).check("write", headers, CLIENT) == f"addr:{CLIENT}"
+
+
 def test_missing_key_is_401() -> None:
     guard = Guard(AccessConfig(keys=KEYS))
     with pytest.raises(UnauthenticatedError) as info:

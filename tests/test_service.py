@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -328,6 +329,22 @@ def test_a_burst_of_new_connections_is_served(server: Server) -> None:
     finally:
         for client in clients:
             client.close()
+
+
+def test_an_open_server_refuses_a_cross_site_pages_post(server: Server) -> None:
+    """A text/plain form post needs no CORS preflight, so without keys any web page its
+    visitors open could post feedback here; the browser's own headers give it away."""
+    user = f"csrf-{uuid.uuid4().hex}"
+    body = orjson.dumps([_event(user, "21", "like")])
+    page = {"content-type": "text/plain", "origin": "https://evil.example",
+            "sec-fetch-site": "cross-site"}  # fmt: skip
+    r = server.client.post("/v1/feedback", content=body, headers=page)
+    assert r.status_code == 403
+    assert r.json()["error"]["detail"] == {"reason": "cross_site"}
+    assert server.client.get(f"/v1/users/{user}/history").status_code == 404
+    assert server.client.post("/v1/admin/model/reload", content="{}", headers=page
+                              ).status_code == 403  # fmt: skip
+    assert server.client.post("/v1/feedback", content=body).status_code == 200  # a script
 
 
 def test_no_bad_event_is_logged(server: Server) -> None:
