@@ -74,10 +74,6 @@ from server.wire import (
 log = logging.getLogger("signedrec.api")
 EXIT_STARTUP_FAILURE = 3  # as uvicorn.run exits when it cannot start
 API_VERSION = "1"  # the routes under /v1, as the OpenAPI document's info.version
-GRACEFUL_SHUTDOWN_S = 5  # in-flight requests get this long after SIGTERM
-# Pending connections the kernel queues; uvicorn's default. (Embedded granian's is 128: with
-# 200 clients connecting at once a third of them stalled for a whole 30 s load step.)
-LISTEN_BACKLOG = 2048
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ async def model(request: Request) -> ModelOut:
     """The active model version, the rollback target, and every version with its metrics."""
     service = _service(request)
     admit(service.guard, service.limiter, "read", request.headers, _client(request))
-    return service.describe()
+    return await service.describe()
 
 
 @post(
@@ -406,7 +402,7 @@ async def reload_model(request: Request) -> ModelOut:
     body = await _read_body(request)
     wanted = _decode(RELOAD_DECODER, body) if body.strip() else ReloadIn()
     await service.switch(wanted.version)
-    return service.describe()
+    return await service.describe()
 
 
 @post("/v1/admin/model/rollback", status_code=200, responses=WRITE_ERRORS)
@@ -415,7 +411,7 @@ async def rollback_model(request: Request) -> ModelOut:
     service = _service(request)
     admit(service.guard, service.limiter, "admin", request.headers, _client(request))
     await service.switch(None, rollback=True)
-    return service.describe()
+    return await service.describe()
 
 
 def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
@@ -538,7 +534,8 @@ def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Co
             http="httptools",
             log_level=config.server.log_level,
             access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=config.server.graceful_shutdown_s,
+            backlog=config.server.listen_backlog,
         )
     )
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
@@ -575,14 +572,14 @@ def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Co
         port=port,
         interface=Interfaces.ASGI,
         runtime_threads=config.server.http_threads,
-        backlog=LISTEN_BACKLOG,
+        backlog=config.server.listen_backlog,
         websockets=False,
         log_level=LogLevels(config.server.log_level),
         # Its messages go through the CLI's handler and format, like everything else's.
         log_dictconfig={"loggers": {"_granian": {"handlers": [], "propagate": True}}},
         log_access=False,
     )
-    server.workers_kill_timeout = GRACEFUL_SHUTDOWN_S
+    server.workers_kill_timeout = config.server.graceful_shutdown_s
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

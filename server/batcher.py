@@ -17,7 +17,7 @@ class MicroBatcher(Generic[Result]):
     def __init__(
         self,
         run: Callable[[Sequence[str], int, bool], list[Result]],
-        max_batch: int = 256,
+        max_batch: int,
         on_batch: Callable[[int], object] | None = None,
     ) -> None:
         self._run = run

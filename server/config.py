@@ -234,6 +234,14 @@ class ServerConfig(Base):
     # collector would scan the growing heap over and over: off while loading, one collection at
     # the end (1M events in-process: apply 4.4 -> 3.3 s).
     gc_off_while_loading: bool = True
+    # In-flight requests get this long after SIGTERM before the front closes their connections.
+    graceful_shutdown_s: Annotated[int, msgspec.Meta(ge=1, le=600)] = 5
+    # Pending connections the kernel queues; uvicorn's default. (Embedded granian's is 128: with
+    # 200 clients connecting at once a third of them stalled for a whole 30 s load step.)
+    listen_backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2048
+    # Recommendation requests of one event-loop tick ranked together (one FAISS search, one
+    # kernel call); a fuller tick is ranked at once in more than one batch.
+    recommend_batch: Annotated[int, msgspec.Meta(ge=1)] = 256
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError here as a validation error at `$.server`.
