@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import kernels
 from server import rollout
@@ -146,7 +147,8 @@ class Service:
         state = await asyncio.to_thread(self.load)
         if state.log is not None:
             state.log.on_commit = lambda seconds, _n: self.metrics.fsync.observe(seconds)
-        self.batcher = MicroBatcher(state.recommend_many, on_batch=self.metrics.batch.observe)
+        self.batcher = MicroBatcher(state.recommend_many, self.config.server.recommend_batch,
+                                    on_batch=self.metrics.batch.observe)  # fmt: skip
         self.metrics.index_size.set(state.item_side.n_items)
         self.metrics.model.labels(state.item_side.version).set(1)
         self.metrics.backend.labels(
@@ -318,8 +320,7 @@ class Service:
         if self.config.log.retention != "trained" or state.log is None:
             return
         try:
-            marks = [int(read_manifest(self.root / v).get("watermark", 0))
-                     for v in list_versions(self.root)]  # fmt: skip
+            marks = await asyncio.to_thread(self._watermarks)
         except (ArtifactError, OSError, ValueError) as exc:
             log.warning("log retention skipped: a version's manifest is unreadable: %s", exc)
             return
@@ -335,6 +336,11 @@ class Service:
             log.info("dropped %d log segments with events up to seq %d: every version under %s "
                      "was trained on them", dropped, bound, self.root)  # fmt: skip
 
+    def _watermarks(self) -> list[int]:
+        """The watermark of every version under the root (manifest reads: off the loop)."""
+        return [int(read_manifest(self.root / v).get("watermark", 0))
+                for v in list_versions(self.root)]  # fmt: skip
+
     async def _save_rollout(self, pinned: str | None, previous: list[str]) -> None:
         """Persist the pinned version and rollback stack, or raise RolloutNotSavedError."""
         choice = rollout.Rollout(pinned=pinned, previous=tuple(previous))
@@ -346,15 +352,11 @@ class Service:
                 f"({exc.strerror or exc}); the active version is unchanged"
             ) from None
 
-    def describe(self) -> ModelOut:
+    async def describe(self) -> ModelOut:
         """The active version, the one rollback would restore, and every version on disk."""
         state = self.live()
         versions = []
-        for version in list_versions(self.root):
-            try:
-                manifest = read_manifest(self.root / version)
-            except ArtifactError:
-                continue
+        for version, manifest in await asyncio.to_thread(self._readable_manifests):
             tables = manifest.get("metrics")
             tables = tables if isinstance(tables, dict) else {}
             versions.append(
@@ -371,6 +373,16 @@ class Service:
             previous=self.previous[-1] if self.previous else None,
             versions=versions,
         )
+
+    def _readable_manifests(self) -> list[tuple[str, dict[str, Any]]]:
+        """(version, manifest) for every version under the root whose manifest can be read."""
+        readable = []
+        for version in list_versions(self.root):
+            try:
+                readable.append((version, read_manifest(self.root / version)))
+            except ArtifactError as exc:  # one bad version must not fail the listing
+                log.warning("version %s left out of the model listing: %s", version, exc.message)
+        return readable
 
     def live(self) -> LiveState:
         """The state, or NotReadyError while loading."""

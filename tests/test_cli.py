@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -139,7 +140,7 @@ def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: 
                                                                  "cpu"}))  # fmt: skip
     service.state = service.load()
     try:
-        described = service.describe()
+        described = asyncio.run(service.describe())
     finally:
         if service.state.log is not None:
             service.state.log.close_sync()

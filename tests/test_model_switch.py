@@ -173,3 +173,20 @@ def test_a_pinned_version_that_cannot_serve_names_the_pin(
     with pytest.raises(ArtifactError, match="checksum mismatch") as refused:
         Service(root, state, load_config(env={})).load()
     assert f"pinned by {state / 'rollout.json'}" in refused.value.message
+
+
+def test_a_version_with_an_unreadable_manifest_is_left_out_of_the_listing_with_a_warning(
+    tiny_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        _version(root, tiny_artifact, name)
+    (root / "v1" / "manifest.json").write_text("{not json")
+
+    async def scenario() -> None:
+        async with running(root, tmp_path / "state") as (client, _):
+            model = (await client.get("/v1/model")).json()
+            assert [v["version"] for v in model["versions"]] == ["v2"]
+
+    asyncio.run(scenario())
+    assert "version v1 left out of the model listing" in caplog.text
