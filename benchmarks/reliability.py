@@ -115,23 +115,23 @@ class Conn:
     async def _request(
         self, method: str, path: str, body: bytes, headers: dict[str, str] | None
     ) -> tuple[int, bytes]:
-        if self.writer is None:
+        if self.reader is None or self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
+        reader, writer = self.reader, self.writer
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         if body:
             extra += "content-type: application/json\r\n"
         head = (f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
                 f"{extra}\r\n")  # fmt: skip
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readline()
+        writer.write(head.encode() + body)
+        status_line = await reader.readline()
         if not status_line:
             raise ConnectionResetError("connection closed before a response")
         status = int(status_line.split()[1])
         length = 0
         close = False
         while True:
-            line = await self.reader.readline()
+            line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
             name, _, value = line.decode("latin-1").partition(":")
@@ -142,7 +142,7 @@ class Conn:
                 close = True
             elif name == "transfer-encoding":
                 raise ValueError("chunked responses are not supported by this client")
-        data = await self.reader.readexactly(length) if length else b""
+        data = await reader.readexactly(length) if length else b""
         if close:
             self.close()
         return status, data
