@@ -48,8 +48,8 @@ import numpy as np
 from benchmarks.host import command_line
 from benchmarks.quality import git_state
 from server.artifacts import Artifact, list_versions, load_artifact, save_artifact
-from server.cli import DEFAULT_DATA, DEFAULT_THRESHOLD
 from server.config import EventWeights
+from server.default import DEFAULT_DATA, DEFAULT_THRESHOLD
 from server.events import read_records
 from server.feedback import rating_strength, strengths_by_kind
 from server.launch import ServeProcess

@@ -31,7 +31,7 @@ import numpy as np
 from benchmarks.host import command_line
 from benchmarks.quality import REPORTS, git_state, load_avg, machine, report_header
 from server.artifacts import load_artifact, resolve
-from server.cli import DEFAULT_ARTIFACTS
+from server.default import DEFAULT_ARTIFACTS
 from server.launch import ServeProcess
 
 USERS = 50_000

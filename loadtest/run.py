@@ -341,7 +341,7 @@ def report(steps: list[Step], args: argparse.Namespace, device: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stepped load for the mixed traffic and for /healthz, then write the report."""
-    from server.cli import DEFAULT_ARTIFACTS
+    from server.default import DEFAULT_ARTIFACTS
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
     parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACTS)

@@ -25,6 +25,7 @@ from prometheus_client import generate_latest
 from server.access import admit
 from server.artifacts import list_versions, root_of
 from server.config import Config, load_config
+from server.default import DEFAULT_ARTIFACTS, DEFAULT_DATA, build_default
 from server.errors import (
     ArtifactError,
     BodyTooLargeError,
@@ -494,8 +495,6 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace) -> int:
     """``signedrec serve``: resolve artifact/state/config, then run the HTTP front on uvloop."""
-    from server.cli import DEFAULT_ARTIFACTS, DEFAULT_DATA, build_default
-
     config = load_config(args.config)
     artifact = DEFAULT_ARTIFACTS if args.artifact is None else Path(args.artifact)
     host = args.host or config.server.host

@@ -13,13 +13,10 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from server.default import DEFAULT_ARTIFACTS, build_default
 from server.errors import SignedrecError
 
 EXIT_USAGE = 2
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARTIFACTS = REPO_ROOT / "model_artifacts" / "default"
-DEFAULT_DATA = REPO_ROOT / "model_artifacts" / "default-data"
-DEFAULT_THRESHOLD = 4.0
 
 
 def check_directory(path: Path, what: str) -> None:
@@ -167,23 +164,6 @@ def _cmd_versions(args: argparse.Namespace) -> int:
         print(version, f"ndcg@20(test)={test.get('ndcg@20', math.nan):.4f}",
               f"watermark={int(manifest.get('watermark', 0))}")  # fmt: skip
     return 0
-
-
-def build_default(force: bool = False) -> Path | None:
-    """Train the embedded default from the in-repo data with the default config, if absent.
-
-    The same for ``build-default`` and a ``serve`` that finds none: the default never depends
-    on a ``--config`` file. Returns the new version, or None when one was already there.
-    """
-    from server.artifacts import list_versions
-    from server.config import load_config
-    from server.train import train
-
-    if list_versions(DEFAULT_ARTIFACTS) and not force:
-        return None
-    return train(
-        DEFAULT_DATA, DEFAULT_THRESHOLD, DEFAULT_ARTIFACTS, load_config(None, env={}).model
-    )
 
 
 def _cmd_build_default(args: argparse.Namespace) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import kernels
-from server.cli import DEFAULT_ARTIFACTS
 from server.config import HTTP_FRONTS
+from server.default import DEFAULT_ARTIFACTS
 from server.launch import ServeProcess, child_environment
 
 
