@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from locust import FastHttpUser, between, constant_throughput, events, task
+from locust.contrib.fasthttp import FastResponse
 
 from server.artifacts import read_ids
 
@@ -96,14 +97,14 @@ class RecommenderUser(FastHttpUser):
             ) as r:
                 body = r.json() if r.status_code == 200 else {}
                 if r.status_code != 200 or body.get("accepted", 0) + body.get("duplicates", 0) != 1:
-                    r.failure(f"feedback: {r.status_code} {r.text[:200]}")
+                    r.failure(f"feedback: {_why(r)}")
             return
         user = traffic.user()
         with self.client.get(
             f"/v1/recommendations/{user}?k={K}", name="recommendations", catch_response=True
         ) as r:
             if r.status_code != 200:
-                r.failure(f"recommendations: {r.status_code} {r.text[:200]}")
+                r.failure(f"recommendations: {_why(r)}")
                 return
             body = r.json()
             items = body.get("items")
@@ -111,3 +112,12 @@ class RecommenderUser(FastHttpUser):
             # catalogue (seen items are excluded): the Zipf-top user gets ~16% of all events.
             if not isinstance(items, list) or len(items) > K or body.get("user_id") != user:
                 r.failure("recommendations: wrong shape")
+
+
+def _why(response: FastResponse) -> str:
+    """Status and body start of a failed response; for no response at all (a reset, a refused
+    connection: Locust's ErrorResponse has status 0 and no text), the error itself."""
+    error = getattr(response, "error", None)
+    if response.status_code == 0 and error is not None:
+        return f"no response: {type(error).__name__}: {error}"
+    return f"{response.status_code} {(response.text or '')[:200]}"

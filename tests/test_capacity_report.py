@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ import pytest
 import loadtest.run as capacity
 from benchmarks.host import command_line
 from loadtest.run import Step
+from server.artifacts import resolve
+from server.default import DEFAULT_ARTIFACTS
+from server.launch import free_port
 
 
 def _step(target: str, rate: float, achieved: float, p99: float = 50.0) -> Step:
@@ -114,3 +119,53 @@ def test_a_reports_command_carries_the_settings_the_server_ran_under(
     line = command_line("loadtest.run", ["--report", "capacity granian", "--rates", "1000"])
     assert line == ("SIGNEDREC_SERVER__HTTP=granian python -m loadtest.run "
                     "--report 'capacity granian' --rates 1000")  # fmt: skip
+
+
+def test_a_report_name_with_a_dot_is_kept_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--report capacity.scratch` must not become (and overwrite) capacity.{md,json,png}."""
+    monkeypatch.setattr(capacity, "REPORTS", tmp_path)
+    args = argparse.Namespace(duration=30, report="capacity.scratch", processes=1)
+    md = capacity.report([_step("mixed", 1000, 1001)], args, "a test machine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "capacity.scratch.json", "capacity.scratch.md", "capacity.scratch.png",
+    ]  # fmt: skip
+    assert "](capacity.scratch.png)" in md.read_text()
+
+
+def _step_against(port: int, server: subprocess.Popen[bytes], tmp_path: Path) -> Step:
+    """One short real Locust step of the mixed traffic at ``port``."""
+    return capacity.run_step("mixed", 20, 5.0, 3, port, resolve(DEFAULT_ARTIFACTS), 1, tmp_path,
+                             server)  # fmt: skip
+
+
+def test_requests_that_get_no_response_are_failures_not_lost(tmp_path: Path) -> None:
+    """A refused or reset connection has no status: each is a counted failure saying why, and
+    the step does not hold (they once vanished from Locust's stats, and the step held)."""
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        step = _step_against(free_port(), server, tmp_path)  # nothing listens there
+    finally:
+        server.kill()
+        server.wait()
+    assert step.requests > 0
+    assert step.failures == step.requests
+    assert not step.holds
+    assert step.errors
+    assert all("no response" in e for e in step.errors)
+    assert step.server_exit is None
+
+
+def test_a_server_that_died_fails_the_step_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+    server.wait()
+    step = _step_against(free_port(), server, tmp_path)
+    assert step.server_exit == 9
+    assert not step.holds
+    assert "the server exited with 9 during this step" in step.errors
+    text, payload = _render(tmp_path / "report", monkeypatch, [step], 60)
+    assert "the server exited with 9" in text
+    assert payload["steps"][0]["holds"] is False  # type: ignore[index]
