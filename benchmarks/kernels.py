@@ -532,7 +532,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
             f"| {row['numpy_floor_us']:.2f} | {'yes' if row['gated'] else 'no (floor)'} "
             f"| {verdict(row['pass'])} |"
         )
-    lines += ["", f"Figure: `{path.with_suffix('.png').name}`.", ""]
+    lines += ["", f"Figure: `{path.name.removesuffix('.md')}.png`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -680,14 +680,14 @@ def main(argv: list[str] | None = None) -> int:
 
     stem = args.name or ("kernels" if backend == "cpu" else f"kernels-{backend}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    base = args.out_dir / stem
-    base.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_markdown(base.with_suffix(".md"), results)
-    write_plot(base.with_suffix(".png"), results)
+    # Suffixes appended, not swapped: a name with a dot ("kernels-v1.2") keeps all of it.
+    write_markdown(args.out_dir / f"{stem}.md", results)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    write_plot(args.out_dir / f"{stem}.png", results)
     failed = [
         b["bar"] for b in results["bars"] if b["pass"] is False and not b.get("informational")
     ]
-    progress(f"wrote {base}.{{md,json,png}}; {len(failed)} bar(s) failed")
+    progress(f"wrote {args.out_dir / stem}.{{md,json,png}}; {len(failed)} bar(s) failed")
     for bar in failed:
         progress(f"  FAIL: {bar}")
     return 1 if failed else 0
