@@ -844,7 +844,8 @@ class LiveState:
             pos_w, neg_w = self._trained_strengths(user)
             seen = np.sort(np.concatenate([pos, neg]))
             counts = (float(pos_w.sum(dtype=np.float64)), float(neg_w.sum(dtype=np.float64)))
-            return seen, np.sort(neg), neg[len(neg) - recent :], counts
+            # max(): with fewer than `recent`, a negative start would keep only the last few.
+            return seen, np.sort(neg), neg[max(len(neg) - recent, 0) :], counts
         if feedback.seen_cache is None:
             items = np.fromiter(feedback.strength, np.int32, len(feedback.strength))
             strengths = np.fromiter(feedback.strength.values(), np.float64, len(items))
@@ -852,7 +853,7 @@ class LiveState:
             feedback.disliked_cache = np.sort(items[strengths < 0])
             negatives = np.fromiter(feedback.recent_negative, np.int32)
             feedback.negative_cache = np.ascontiguousarray(
-                negatives[len(negatives) - recent :][::-1]
+                negatives[max(len(negatives) - recent, 0) :][::-1]
             )
             feedback.counts = (
                 float(strengths[strengths > 0].sum()),

@@ -159,6 +159,25 @@ def test_no_dislike_ever_comes_back_beyond_the_recent_window(
     assert ("0" in again.items) == (include_liked or "EXCLUDE_SEEN" in str(env))
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
+def test_suppression_sees_every_dislike_of_the_latest_window(
+    tiny_artifact: Path, tmp_path: Path, n: int
+) -> None:
+    """The latest ``suppression_recent`` dislikes, newest first: all of them when there are
+    fewer (a negative slice start once kept only the last window - n of 3 or 4 dislikes)."""
+    env = {"SIGNEDREC_RANKING__SUPPRESSION_RECENT": "5"}
+    state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
+    items = list(range(n))
+    _dislike_many(state, "newcomer", items)
+    recent = state._seen_and_negative(state.users.get("newcomer"))[2]
+    assert recent.tolist() == items[::-1][:5]
+    trained = next(u for u in range(state.n_trained_users) if len(state._trained_edges(u)[1]) > 1)
+    dislikes = state._trained_edges(trained)[1]
+    window = {"SIGNEDREC_RANKING__SUPPRESSION_RECENT": str(len(dislikes) + 1)}
+    fresh = LiveState(tiny_artifact, tmp_path / "fresh", load_config(env=window))
+    assert sorted(fresh._seen_and_negative(trained)[2].tolist()) == sorted(dislikes.tolist())
+
+
 @pytest.mark.parametrize("beta", [None, 0.5])
 def test_a_newcomer_without_a_like_is_ranked_from_popularity_with_suppression(
     tiny_artifact: Path, tmp_path: Path, beta: float | None
