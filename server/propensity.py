@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 _EPS = 1e-6
+# Far above float32 rounding of a probability and of a score minus a penalty (~1e-7).
+_LEAST_MARGIN = 1e-5
 
 
 def _logit(neg: np.ndarray, pos: np.ndarray, rate: float, prior: float) -> np.ndarray:
@@ -42,6 +44,12 @@ class Propensity:
         """Smoothed dislike-rate logits of users with these like and dislike counts."""
         return _logit(np.asarray(neg, np.float64), np.asarray(pos, np.float64), self.rate,
                       self.prior).astype(np.float32)  # fmt: skip
+
+    def least_probability(self, user_logit: np.ndarray) -> np.ndarray:
+        """Each user's smallest P(dislike) over the catalogue, rounded down a little so the
+        float32 probabilities of :meth:`probability` never fall below it."""
+        z = user_logit.astype(np.float64) + float(self.item_logit.min())
+        return np.maximum(1.0 / (1.0 + np.exp(-z)) * (1.0 - _LEAST_MARGIN) - _LEAST_MARGIN, 0.0)
 
     def probability(self, user_logit: np.ndarray, items: np.ndarray) -> np.ndarray:
         """P(dislike) for each row's items (``items`` shaped (users, n); ids must be valid)."""

@@ -141,24 +141,29 @@ Ranks = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndar
 
 
 def unproven(
-    pool_scores: np.ndarray, depth: np.ndarray, ranked: np.ndarray, n_items: int
-) -> np.ndarray:
+    pool_scores: np.ndarray, depth: np.ndarray, ranked: np.ndarray, n_items: int,
+    slack: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """Rows whose pool (``depth`` candidates each) cannot prove their ranked top k. Penalties
     only lower scores, so an item outside a pool scores at most the pool's last raw score
-    (relative to the row's best, as :func:`rank_pool` scales it); a k-th score below that, or
-    fewer than k results, leaves the row open unless the pool holds the whole catalogue."""
+    (relative to the row's best, as :func:`rank_pool` scales it) minus the row's ``slack``, the
+    least penalty any item gets; a k-th score below that, or fewer than k results, leaves the
+    row open unless the pool holds the whole catalogue."""
     top = np.abs(pool_scores[:, 0])
     last = pool_scores[np.arange(len(depth)), np.maximum(depth - 1, 0)] / np.where(
         top > 0, top, 1.0
     )
+    if slack is not None:
+        last = last - slack
     return (depth < n_items) & (depth > 0) & ~(ranked[:, -1] >= last)
 
 
-def rank_proven(pools: Pools, rank: Ranks, n_rows: int, k: int, n_items: int
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def rank_proven(pools: Pools, rank: Ranks, n_rows: int, k: int, n_items: int,
+                slack: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Top-k (ids int32, scores float32) of every row, exact for its scoring: ``pools(rows,
     at_least)`` gives candidate pools and ``rank(rows, scores, ids)`` ranks them; a row its pool
-    cannot prove (large k, strong penalties) is searched again twice as deep until it can."""
+    cannot prove (large k, strong penalties) is searched again twice as deep until it can.
+    ``slack`` (per row, optional) is a penalty every item of the row is sure to get."""
     out_ids = np.full((n_rows, k), -1, np.int32)
     out_scores = np.full((n_rows, k), -np.inf, np.float32)
     rows = np.arange(n_rows)
@@ -168,6 +173,7 @@ def rank_proven(pools: Pools, rank: Ranks, n_rows: int, k: int, n_items: int
         out_ids[rows], out_scores[rows] = rank(rows, scores, ids)
         depth = (ids >= 0).sum(axis=1)
         asked = np.maximum(depth, 1 if at_least is None else at_least)
-        again = unproven(scores, depth, out_scores[rows], n_items) & (asked < n_items)
+        floor = None if slack is None else slack[rows]
+        again = unproven(scores, depth, out_scores[rows], n_items, floor) & (asked < n_items)
         rows, at_least = rows[again], np.minimum(2 * asked[again], n_items)
     return out_ids, out_scores

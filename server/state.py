@@ -979,7 +979,10 @@ class LiveState:
             return rank_pool(scores, ids, side.unit, excl, neg, k, side.gamma, side.propensity,
                              None if logits is None else logits[rows], side.beta)  # fmt: skip
 
-        return rank_proven(pools, rank, len(excluded), k, side.n_items)
+        # Every item loses at least beta x the user's least P(dislike): a tighter bound on what
+        # lies outside a pool, so fewer rows are searched again.
+        slack = None if logits is None else side.beta * side.propensity.least_probability(logits)
+        return rank_proven(pools, rank, len(excluded), k, side.n_items, slack)
 
     def _unpack(self, packed: bytes) -> Recommendation:
         """A memoised ranking back as a Recommendation (ids, then float32 scores)."""

@@ -45,6 +45,22 @@ def test_more_dislikes_never_lower_the_chance(
     assert np.all(np.isfinite(p.item_logit))
 
 
+@settings(max_examples=60, deadline=None)
+@given(pos=counts, neg=counts, prior=st.floats(0.5, 64.0))
+def test_least_probability_bounds_every_items_from_below(
+    pos: list[int], neg: list[int], prior: float
+) -> None:
+    """Ranking proves a pool with it: no item's float32 P(dislike) may fall below it."""
+    n = min(len(pos), len(neg))
+    p = Propensity.from_counts(np.array(pos[:n]), np.array(neg[:n]), prior)
+    logits = p.user_logit(np.array(pos[:n], float), np.array(neg[::-1][:n], float))
+    every = p.probability(logits, np.broadcast_to(np.arange(n), (n, n)))
+    least = p.least_probability(logits)
+    assert np.all(least >= 0)
+    assert np.all(least <= every.min(axis=1))
+    assert np.all(every.min(axis=1) - least < 1e-4)  # and it is not a loose bound
+
+
 def test_training_picks_the_largest_beta_within_tolerance(tiny_artifact: Path) -> None:
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     ranking = manifest["ranking"]
