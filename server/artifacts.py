@@ -186,6 +186,13 @@ class Artifact:
         return Path(os.path.abspath(self.path)).name
 
     @property
+    def model_id(self) -> str:
+        """Which trained model this is, wherever it lies: the name it was trained under (unique
+        per training run), kept by a renamed copy and changed by another model put in its place.
+        Snapshots and swaps compare this, never the directory name."""
+        return str(self.manifest["version"])
+
+    @property
     def neg_weight(self) -> float:
         """The signed-input weight of a negative edge."""
         return float(self.manifest["model"]["neg_weight"])

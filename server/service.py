@@ -275,11 +275,19 @@ class Service:
                 raise UnknownVersionError(f"no artifact version {version!r} under {self.root}",
                                           {"version": version})  # fmt: skip
             path = resolve(self.root) if version is None else self.root / version
-            if path.name != current:
+            # A directory of the active name may hold another model by now (replaced on disk,
+            # a symlink moved): the manifest tells.
+            same = path.name == current and (await asyncio.to_thread(read_manifest, path)).get(
+                "version") == state.item_side.model_id  # fmt: skip
+            if not same:
                 await self._swap_in(state, path, version, current, rollback)
-            elif not rollback and version != self.pinned:
-                # "reload the newest" unpins even when it is active
-                await self._save_rollout(version, self.previous)
+            elif not rollback:
+                # "Reload the newest" unpins even when it is active, and a named reload of the
+                # version served by an explicit --artifact pins it: compared with the file, which
+                # an explicit --artifact never wrote.
+                saved = await asyncio.to_thread(rollout.read, self.state_dir)
+                if (saved.pinned, list(saved.previous)) != (version, self.previous):
+                    await self._save_rollout(version, self.previous)
                 self.pinned = version
         # After every reload, of the active version too: versions may have been removed since.
         await self.prune_log(state)
@@ -295,6 +303,8 @@ class Service:
         # tracked and those users refolded when the new side goes live.
         plan = state.begin_swap(side)
         previous = self.previous[:-1] if rollback else [*self.previous, current]
+        if path.name == current and not rollback:  # replaced in place: the old one is gone
+            previous.pop()
         try:
             vectors = await asyncio.to_thread(state.build_swap, plan)
             # Saved before the swap: a choice that cannot be saved is refused, not served until

@@ -59,7 +59,7 @@ class UserSnapshot(msgspec.Struct, array_like=True):
 class Head(msgspec.Struct, array_like=True):
     """The first frame: what the snapshot is of, and how many chunk frames follow the vectors."""
 
-    artifact_version: str
+    artifact_version: str  # Artifact.model_id (not the directory name: that may be reused)
     seq: int
     users: list[str]
     dim: int

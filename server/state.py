@@ -128,6 +128,7 @@ class ItemSide:
         arrays = artifact.arrays
         self.artifact = artifact
         self.version = artifact.version
+        self.model_id = artifact.model_id
         self.items = IdMap(arrays["item_ids"])
         self.table = np.ascontiguousarray(arrays["item_table"], dtype=np.float32)
         self.vectors = np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32)
@@ -188,7 +189,7 @@ class SnapshotCapture:
     def __init__(self, state: LiveState) -> None:
         self.n = n = len(state.users)
         self.state = state
-        self.version, self.seq = state.item_side.version, state.applied_seq
+        self.model_id, self.seq = state.item_side.model_id, state.applied_seq
         self.graph = state.snapshot_key
         self.catalogue = state.catalogue
         self.since = state.since_snapshot  # events counted towards this snapshot
@@ -258,7 +259,7 @@ class SnapshotCapture:
 
     def result(self) -> snapshot.Snapshot:
         """The finished snapshot (after :meth:`step` returned True)."""
-        return snapshot.Snapshot(self.version, self.seq, self.users, self.vectors,
+        return snapshot.Snapshot(self.model_id, self.seq, self.users, self.vectors,
                                  self.feedback.finish(), self.live_ids, self.graph,
                                  self.catalogue)  # fmt: skip
 
@@ -500,7 +501,7 @@ class LiveState:
         after = self.watermark
         self.check_trained_log(self.item_side.artifact)
         started = time.perf_counter()
-        snap = snapshot.read(self.state_dir, self.item_side.version, self.snapshot_key,
+        snap = snapshot.read(self.state_dir, self.item_side.model_id, self.snapshot_key,
                              self.catalogue)  # fmt: skip
         if snap is not None and snap.seq <= report.last_seq:
             self.restore(snap)
@@ -649,7 +650,8 @@ class LiveState:
                 recent_negative=dict.fromkeys(u.negatives),
                 history=deque((tuple(row) for row in u.history), maxlen=maxlen),
             )
-        if snap.artifact_version == self.item_side.version:
+        side = self.item_side
+        if snap.artifact_version == side.model_id and snap.vectors.shape[1] == side.dim:
             self.vectors[:n] = snap.vectors
         else:
             self._fold_trained(self.item_side, self.vectors)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from server import rollout
@@ -190,3 +191,69 @@ def test_a_version_with_an_unreadable_manifest_is_left_out_of_the_listing_with_a
 
     asyncio.run(scenario())
     assert "version v1 left out of the model listing" in caplog.text
+
+
+def _another_model(root: Path, source: Path, name: str) -> None:
+    """A model of the same catalogue and graph whose item table is twice ``source``'s: user
+    vectors fold to twice theirs, so which model built a vector is plain to see."""
+    artifact = load_artifact(source)
+    arrays = dict(artifact.arrays)
+    arrays["item_table"] = arrays["item_table"] * 2.0
+    manifest = {k: v for k, v in artifact.manifest.items()
+                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
+    save_artifact(root, arrays, manifest, version=name)
+
+
+def test_another_model_put_under_the_served_name_is_not_mistaken_for_it(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """`prod` replaced on disk by another model: a reload of `prod` swaps it in, and a restart
+    does not restore the old model's vectors from the snapshot (directory names are reused;
+    the snapshot and the swap check the model itself)."""
+    other, root, state = tmp_path / "other", tmp_path / "root", tmp_path / "state"
+    _version(other, tiny_artifact, "A")
+    _another_model(other, tiny_artifact, "B")
+    shutil.copytree(other / "A", root / "prod")
+    likes = [{"event_id": f"e{n}", "user_id": f"u{n % 3}", "item_id": str(n), "kind": "like"}
+             for n in range(6)]  # fmt: skip
+
+    async def reload_in_place() -> np.ndarray:
+        async with running(root, state) as (client, service):
+            assert (await client.post("/v1/feedback", json=likes)).status_code == 200
+            before = service.live().vectors[: len(service.live().users)].copy()
+            shutil.rmtree(root / "prod")
+            shutil.copytree(other / "B", root / "prod")
+            answer = await client.post("/v1/admin/model/reload", json={"version": "prod"})
+            assert answer.status_code == 200
+            live = service.live()
+            assert live.item_side.model_id == "B"
+            np.testing.assert_allclose(live.vectors[: len(live.users)], 2 * before, rtol=1e-5)
+            assert service.previous == []  # A is gone: nothing to roll back to
+            return 2 * before
+
+    async def vectors() -> np.ndarray:
+        async with running(root, state) as (_, service):
+            live = service.live()
+            return live.vectors[: len(live.users)].copy()
+
+    expected = asyncio.run(reload_in_place())
+    shutil.rmtree(root / "prod")  # and back to A, under the same name, while stopped
+    shutil.copytree(other / "A", root / "prod")
+    np.testing.assert_allclose(asyncio.run(vectors()), expected / 2, rtol=1e-5)
+
+
+def test_a_named_reload_of_the_explicitly_served_version_pins_it(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    root, state = tmp_path / "root", tmp_path / "state"
+    for name in ("v1", "v2"):
+        _version(root, tiny_artifact, name)
+
+    async def reload(artifact: Path, version: str) -> None:
+        async with running(artifact, state) as (client, _):
+            answer = await client.post("/v1/admin/model/reload", json={"version": version})
+            assert answer.status_code == 200
+
+    asyncio.run(reload(root, "v1"))
+    asyncio.run(reload(root / "v2", "v2"))  # served as given, then pinned by name
+    assert rollout.read(state).pinned == "v2"
