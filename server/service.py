@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,8 @@ class Service:
     """What the handlers need: the live state once loaded, the batcher, the metrics."""
 
     def __init__(self, artifact: Path, state_dir: Path, config: Config) -> None:
-        self.artifact = artifact
+        # Absolute, so a version dir given as "." still has its root as parent and a name.
+        self.artifact = Path(os.path.abspath(artifact))
         self.state_dir = state_dir
         self.config = config
         self.metrics = Metrics()
@@ -62,7 +64,7 @@ class Service:
         self.guard = Guard(config.access)
         self.limiter = RateLimiter(config.limits)
         self.inflight = InFlight(config.limits)
-        self.root = root_of(artifact)
+        self.root = root_of(self.artifact)
         self.previous: list[str] = []  # the rollback stack, oldest first
         self.pinned: str | None = None  # set by a named reload or a rollback; kept on restart
         self.swapping = asyncio.Lock()

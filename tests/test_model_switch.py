@@ -257,3 +257,24 @@ def test_a_named_reload_of_the_explicitly_served_version_pins_it(
     asyncio.run(reload(root, "v1"))
     asyncio.run(reload(root / "v2", "v2"))  # served as given, then pinned by name
     assert rollout.read(state).pinned == "v2"
+
+
+def test_a_version_dir_given_as_dot_still_has_its_root(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --artifact .` from inside a version: its siblings are listed and reloadable."""
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        _version(root, tiny_artifact, name)
+    monkeypatch.chdir(root / "v2")
+
+    async def scenario() -> None:
+        async with running(Path("."), tmp_path / "state") as (client, service):
+            model = (await client.get("/v1/model")).json()
+            assert (model["active"], [v["version"] for v in model["versions"]]) == (
+                "v2", ["v1", "v2"])  # fmt: skip
+            answer = await client.post("/v1/admin/model/reload", json={"version": "v1"})
+            assert answer.status_code == 200
+            assert service.previous == ["v2"]
+
+    asyncio.run(scenario())
