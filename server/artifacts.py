@@ -475,21 +475,41 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def expected_arrays(schema_version: int) -> dict[str, str]:
+    """The arrays (name -> dtype prefix) a version of this schema must hold."""
+    expected = dict(REQUIRED_ARRAYS)
+    if schema_version >= 2:
+        expected.update(WEIGHT_ARRAYS)
+    if schema_version >= 3:
+        expected.update(HISTORY_ARRAYS)
+    if schema_version >= 4:
+        del expected["user_ids"]
+        expected.update(USER_ID_ARRAYS)
+    return expected
+
+
+def missing_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The array files a version needs that its manifest does not list or its directory lacks
+    (presence only: checksums would read every array)."""
+    missing = []
+    for name in expected_arrays(manifest["schema_version"]):
+        file = f"{name}.npy"
+        try:
+            present = file in manifest["files"] and (Path(path) / file).is_file()
+        except OSError:  # unreadable directory, a name the filesystem refuses
+            present = False
+        if not present:
+            missing.append(file)
+    return missing
+
+
 def load_artifact(path: Path, verify: bool = True) -> Artifact:
     """Load a version (or the newest under a root), verifying checksums, dtypes and shapes."""
     path = resolve(path)
     manifest = read_manifest(path)
     files = manifest["files"]
     arrays: dict[str, np.ndarray] = {}
-    expected = dict(REQUIRED_ARRAYS)
-    if manifest["schema_version"] >= 2:
-        expected.update(WEIGHT_ARRAYS)
-    if manifest["schema_version"] >= 3:
-        expected.update(HISTORY_ARRAYS)
-    if manifest["schema_version"] >= 4:
-        del expected["user_ids"]
-        expected.update(USER_ID_ARRAYS)
-    for name, dtype in expected.items():
+    for name, dtype in expected_arrays(manifest["schema_version"]).items():
         file = f"{name}.npy"
         entry = files.get(file)
         if entry is None:

@@ -141,7 +141,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    from server.artifacts import list_versions, numeric_metrics, read_manifest
+    from server.artifacts import list_versions, missing_files, numeric_metrics, read_manifest
     from server.errors import ArtifactError
 
     root = Path(args.root)
@@ -153,8 +153,7 @@ def _cmd_versions(args: argparse.Namespace) -> int:
         except ArtifactError as exc:  # one bad version must not hide the others
             print(version, f"unusable: {exc.message}")
             continue
-        # Presence only (checksums would read every array): what reload would refuse at once.
-        missing = sorted(f for f in manifest["files"] if not (root / version / f).is_file())
+        missing = missing_files(root / version, manifest)  # what reload would refuse at once
         if missing:
             print(version, f"unusable: {', '.join(missing)} missing")
             continue

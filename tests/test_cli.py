@@ -124,13 +124,18 @@ def test_versions_lists_a_version_missing_an_array_as_unusable(
 ) -> None:
     """A version that lost a file (a partial copy) is what reload refuses: listed as such."""
     root = tmp_path / "root"
-    for name in ("v1", "v2"):
+    for name in ("v1", "v2", "v3"):
         shutil.copytree(tiny_artifact, root / name)
     (root / "v2" / "item_ids.npy").unlink()
+    # Gone from the manifest too: still an array every version needs.
+    manifest = json.loads((root / "v3" / "manifest.json").read_text())
+    del manifest["files"]["item_table.npy"]
+    (root / "v3" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "v3" / "item_table.npy").unlink()
     assert main(["versions", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "ndcg@20(test)=" in lines[0]
-    assert lines[1] == "v2 unusable: item_ids.npy missing"
+    assert lines[1:] == ["v2 unusable: item_ids.npy missing", "v3 unusable: item_table.npy missing"]
 
 
 def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: Path) -> None:
