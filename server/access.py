@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from server.config import AccessConfig, LimitsConfig
 from server.errors import (
@@ -44,21 +45,52 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
 
 
-def _from_another_site(headers: Mapping[str, str]) -> bool:
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(text: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an Origin, default port filled in and host lowercased; None for
+    "null" (a sandboxed or file: page) or anything unparseable."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def _same_host(origin: tuple[str, str, int], host: str) -> bool:
+    """Whether a Host header (``name[:port]``, the port defaulting to the origin scheme's)
+    names the origin's host and port."""
+    parsed = _origin(f"{origin[0]}://{host.strip()}") if host.strip() else None
+    return parsed is not None and parsed[1:] == origin[1:]
+
+
+def _from_another_site(headers: Mapping[str, str], allowed: frozenset[tuple[str, str, int]]
+                       ) -> bool:  # fmt: skip
     """True for a request a browser sent on behalf of another site's page.
 
     Without keys, a page anywhere could post feedback or reload the model through its
     visitors' browsers (a text/plain POST needs no CORS preflight). Browsers say where a request
     comes from; servers and scripts send neither header, so they are unaffected.
     """
-    site = headers.get("sec-fetch-site")
-    if site is not None:
-        return site == "cross-site"
-    origin = headers.get("origin")
-    if origin is None:
+    text = headers.get("origin")
+    origin = None if text is None else _origin(text)
+    if origin is not None and origin in allowed:
         return False
-    # Older browsers: Origin only. "null" (a sandboxed or file: page) never matches a host.
-    return origin.partition("://")[2] != headers.get("host", "")
+    site = headers.get("sec-fetch-site")
+    if site is not None:  # sent over HTTPS and to localhost only
+        return site == "cross-site"
+    if text is None:
+        return False
+    if origin is None:
+        return True
+    # Behind a proxy the Host may be the proxy's upstream; X-Forwarded-Host is the browser's
+    # (a page cannot set it cross-site without a preflight this service never answers).
+    forwarded = headers.get("x-forwarded-host", "").split(",")[0]
+    return not any(_same_host(origin, h) for h in (headers.get("host", ""), forwarded))
 
 
 class Guard:
@@ -68,6 +100,9 @@ class Guard:
         self.config = config
         self.clock = clock
         self.open = not config.keys
+        self.allowed_origins = frozenset(
+            o for o in (_origin(text) for text in config.allowed_origins) if o is not None
+        )
         if self.open:
             log.warning("no API keys configured: feedback and admin routes are open to anyone")
 
@@ -79,7 +114,7 @@ class Guard:
         A valid key is its own identity; anyone else is identified by client address, so
         made-up keys can neither dodge the rate limit nor grow its table.
         """
-        if self.open and action != "read" and _from_another_site(headers):
+        if self.open and action != "read" and _from_another_site(headers, self.allowed_origins):
             raise ForbiddenError(
                 "no API keys are configured, so writes from a web page of another site are "
                 "refused (configure keys to accept browser clients)",

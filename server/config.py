@@ -261,6 +261,11 @@ class AccessConfig(Base):
     # When set, feedback bodies must be signed: HMAC-SHA256 over "<timestamp>.<body>".
     hmac_secret: str = ""
     hmac_window_s: Annotated[float, msgspec.Meta(ge=0.0)] = 300.0
+    # Without keys, a browser's writes are accepted only from the service's own origin (its
+    # Host, or X-Forwarded-Host behind a proxy) and from these, e.g. "https://shop.example".
+    allowed_origins: list[Annotated[str, msgspec.Meta(pattern=r"^https?://[^/\s]+$")]] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class LimitsConfig(Base):

@@ -59,6 +59,9 @@ def test_open_mode_lets_everything_through() -> None:
         {"sec-fetch-site": "cross-site", "origin": "https://evil.example"},
         {"origin": "https://evil.example", "host": "recs.internal:8000"},
         {"origin": "null", "host": "recs.internal:8000"},
+        {"origin": "http://recs.internal:8080", "host": "recs.internal"},  # another port
+        {"origin": "http://evil.example", "host": "recs.internal", "x-forwarded-host": ""},
+        {"origin": "https://app.example.evil", "sec-fetch-site": "cross-site"},
     ],
 )
 def test_open_mode_refuses_writes_from_another_sites_page(headers: dict[str, str]) -> None:
@@ -78,10 +81,21 @@ def test_open_mode_refuses_writes_from_another_sites_page(headers: dict[str, str
         {"sec-fetch-site": "same-site", "origin": "https://app.internal"},
         {"sec-fetch-site": "none"},  # typed into the address bar
         {"origin": "http://recs.internal:8000", "host": "recs.internal:8000"},
+        # Plain HTTP (no Sec-Fetch-*): default ports and case are not differences.
+        {"origin": "http://Recs.Internal", "host": "recs.internal:80"},
+        {"origin": "https://recs.internal", "host": "recs.internal:443"},
+        {"origin": "http://[::1]:8000", "host": "[::1]:8000"},
+        # Behind a proxy that rewrites Host to its upstream.
+        {"origin": "http://shop.internal", "host": "127.0.0.1:8000",
+         "x-forwarded-host": "shop.internal"},
+        # An origin the operator allowed, even cross-site.
+        {"origin": "https://app.example", "sec-fetch-site": "cross-site"},
+        {"origin": "https://app.example:443", "host": "recs.internal"},
     ],
-)
+)  # fmt: skip
 def test_open_mode_accepts_writes_from_scripts_and_the_same_site(headers: dict[str, str]) -> None:
-    assert Guard(AccessConfig()).check("write", headers, CLIENT) == f"addr:{CLIENT}"
+    guard = Guard(AccessConfig(allowed_origins=["https://app.example"]))
+    assert guard.check("write", headers, CLIENT) == f"addr:{CLIENT}"
 
 
 def test_missing_key_is_401() -> None:
