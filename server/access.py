@@ -80,9 +80,13 @@ def _from_another_site(headers: Mapping[str, str], allowed: frozenset[tuple[str,
     origin = None if text is None else _origin(text)
     if origin is not None and origin in allowed:
         return False
-    site = headers.get("sec-fetch-site")
-    if site is not None:  # sent over HTTPS and to localhost only
-        return site == "cross-site"
+    site = headers.get("sec-fetch-site")  # sent over HTTPS and to localhost only
+    if site == "cross-site":
+        return True
+    if site in ("same-origin", "none"):  # none: typed in the address bar, a bookmark
+        return False
+    # "same-site" (a sibling subdomain, another port of localhost) or plain HTTP: the origin
+    # must be this service's own.
     if text is None:
         return False
     if origin is None:

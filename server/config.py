@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -266,6 +267,13 @@ class AccessConfig(Base):
     allowed_origins: list[Annotated[str, msgspec.Meta(pattern=r"^https?://[^/\s]+$")]] = (
         msgspec.field(default_factory=list)
     )
+
+    def __post_init__(self) -> None:
+        for origin in self.allowed_origins:
+            try:
+                urlsplit(origin).port  # noqa: B018 - parsing it is the check
+            except ValueError as exc:
+                raise ValueError(f"`allowed_origins` entry {origin!r}: {exc}") from None
 
 
 class LimitsConfig(Base):

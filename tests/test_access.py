@@ -59,6 +59,9 @@ def test_open_mode_lets_everything_through() -> None:
         {"sec-fetch-site": "cross-site", "origin": "https://evil.example"},
         {"origin": "https://evil.example", "host": "recs.internal:8000"},
         {"origin": "null", "host": "recs.internal:8000"},
+        # Same site is not same origin: a sibling subdomain, another port of localhost.
+        {"sec-fetch-site": "same-site", "origin": "https://app.internal", "host": "recs.internal"},
+        {"sec-fetch-site": "same-site", "origin": "http://localhost:3000", "host": "localhost:80"},
         {"origin": "http://recs.internal:8080", "host": "recs.internal"},  # another port
         {"origin": "http://evil.example", "host": "recs.internal", "x-forwarded-host": ""},
         {"origin": "https://app.example.evil", "sec-fetch-site": "cross-site"},
@@ -78,7 +81,6 @@ def test_open_mode_refuses_writes_from_another_sites_page(headers: dict[str, str
     [
         {},  # servers and scripts
         {"sec-fetch-site": "same-origin", "origin": "http://recs.internal:8000"},
-        {"sec-fetch-site": "same-site", "origin": "https://app.internal"},
         {"sec-fetch-site": "none"},  # typed into the address bar
         {"origin": "http://recs.internal:8000", "host": "recs.internal:8000"},
         # Plain HTTP (no Sec-Fetch-*): default ports and case are not differences.

@@ -157,6 +157,9 @@ def test_a_scalar_where_a_section_belongs_is_a_config_error(tmp_path: Path) -> N
         ("SIGNEDREC_INDEX__IVF_NLIST", "0", "index.ivf_nlist"),
         ("SIGNEDREC_INDEX__HNSW_M", "1", "index.hnsw_m"),
         ("SIGNEDREC_ACCESS__HMAC_WINDOW_S", "-1", "access.hmac_window_s"),
+        ("SIGNEDREC_SERVER__GRACEFUL_SHUTDOWN_S", "0", "server.graceful_shutdown_s"),
+        ("SIGNEDREC_SERVER__LISTEN_BACKLOG", "0", "server.listen_backlog"),
+        ("SIGNEDREC_SERVER__RECOMMEND_BATCH", "0", "server.recommend_batch"),
         ("SIGNEDREC_MODEL__DIM", "0", "model.dim"),
         ("SIGNEDREC_MODEL__SEED", "-1", "model.seed"),
         ("SIGNEDREC_MODEL__PROPENSITY_PRIOR", "0", "model.propensity_prior"),
@@ -299,3 +302,17 @@ def test_an_env_variables_error_names_the_variable_not_the_file(tmp_path: Path) 
     path.write_text('[server]\nport = "abc"\n')
     with pytest.raises(ConfigError, match=re.escape(f"config file {path}: ")):
         load_config(path, env={"SIGNEDREC_SERVER__HOST": "127.0.0.1"})
+
+
+@pytest.mark.parametrize(
+    ("origin", "problem"),
+    [
+        ("https://a.b/app", r"\$\.access\.allowed_origins\[0\]"),
+        ("https://a.b:84430", "Port out of range"),
+    ],
+)
+def test_an_allowed_origin_must_be_an_origin(origin: str, problem: str) -> None:
+    """A path or an impossible port would never match a browser's Origin: refused at start."""
+    with pytest.raises(ConfigError, match="allowed_origins") as refused:
+        load_config(env={"SIGNEDREC_ACCESS__ALLOWED_ORIGINS": f'["{origin}"]'})
+    assert re.search(problem, refused.value.message)
