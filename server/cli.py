@@ -141,12 +141,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    from server.artifacts import list_versions, missing_files, numeric_metrics, read_manifest
+    from server.artifacts import (
+        list_versions,
+        missing_files,
+        numeric_metrics,
+        read_manifest,
+        root_of,
+    )
     from server.errors import ArtifactError
 
     root = Path(args.root)
     if not root.is_dir():
         raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
+    root = root_of(Path(os.path.abspath(root)))  # a version dir lists its root's versions
     for version in list_versions(root):
         try:
             manifest = read_manifest(root / version)

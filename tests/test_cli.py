@@ -119,6 +119,20 @@ def test_versions_lists_an_unusable_version_and_goes_on(
     assert "ndcg@20(test)=" in lines[1]
 
 
+def test_versions_of_a_version_dir_lists_its_roots(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Not an empty listing (which reads as "no versions"): the versions beside it."""
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        shutil.copytree(tiny_artifact, root / name)
+    monkeypatch.chdir(root / "v1")
+    for given in (str(root / "v2"), "."):
+        assert main(["versions", given]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["v1", "v2"]
+
+
 def test_versions_lists_a_version_missing_an_array_as_unusable(
     tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
