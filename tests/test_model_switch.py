@@ -36,12 +36,17 @@ def _version(root: Path, source: Path, name: str, watermark: int = 0) -> str:
     return save_artifact(root, dict(artifact.arrays), manifest, version=name).name
 
 
+def _versions(root: Path, source: Path, *names: str) -> None:
+    """Versions of ``source``'s model under ``root``, one per name."""
+    for name in names:
+        _version(root, source, name)
+
+
 def test_a_vanished_rollback_target_leaves_the_history(tiny_artifact: Path, tmp_path: Path) -> None:
     """The target is a 404 and is dropped, along with the active version left on top beneath
     it; every later rollback moves on, down to 'nothing to roll back to'."""
     root = tmp_path / "root"
-    for name in ("v1", "v2", "v3"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2", "v3")
 
     async def scenario() -> None:
         async with running(root, tmp_path / "state") as (client, service):
@@ -125,8 +130,7 @@ def test_a_choice_that_cannot_be_saved_is_refused(tiny_artifact: Path, tmp_path:
     """Disk full while saving rollout.json: the reload answers 503 and the old version keeps
     serving, so a restart serves what the operator was told is active."""
     root, state = tmp_path / "root", tmp_path / "state"
-    for name in ("v1", "v2"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2")
     full = OSError(errno.ENOSPC, "No space left on device")
 
     async def scenario() -> None:
@@ -166,8 +170,7 @@ def test_a_pinned_version_that_cannot_serve_names_the_pin(
     """The start stops on a damaged pinned version (no silent fallback), and says the version
     was chosen by rollout.json, not by the --artifact the operator typed."""
     root, state = tmp_path / "root", tmp_path / "state"
-    for name in ("v1", "v2"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2")
     with (root / "v1" / "item_ids.npy").open("ab") as handle:
         handle.write(b"rot")
     rollout.write(state, rollout.Rollout(pinned="v1"))
@@ -180,8 +183,7 @@ def test_a_version_with_an_unreadable_manifest_is_left_out_of_the_listing_with_a
     tiny_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = tmp_path / "root"
-    for name in ("v1", "v2"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2")
     (root / "v1" / "manifest.json").write_text("{not json")
 
     async def scenario() -> None:
@@ -246,8 +248,7 @@ def test_a_named_reload_of_the_explicitly_served_version_pins_it(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
     root, state = tmp_path / "root", tmp_path / "state"
-    for name in ("v1", "v2"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2")
 
     async def reload(artifact: Path, version: str) -> None:
         async with running(artifact, state) as (client, _):
@@ -264,8 +265,7 @@ def test_a_version_dir_given_as_dot_still_has_its_root(
 ) -> None:
     """`serve --artifact .` from inside a version: its siblings are listed and reloadable."""
     root = tmp_path / "root"
-    for name in ("v1", "v2"):
-        _version(root, tiny_artifact, name)
+    _versions(root, tiny_artifact, "v1", "v2")
     monkeypatch.chdir(root / "v2")
 
     async def scenario() -> None:
