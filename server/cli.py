@@ -37,22 +37,27 @@ def check_directory(path: Path, what: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from server.artifacts import is_version
     from server.config import load_config
     from server.train import RankingChoice, train
 
     config = load_config(args.config)
     # Checked before training: a bad --out would otherwise fail only once training is done.
     check_directory(Path(args.out), "--out")
+    if is_version(Path(args.out)):  # a version inside a version: listed and served by nothing
+        raise SignedrecError(f"--out {args.out}: is an artifact version; give its root, "
+                             f"{Path(os.path.abspath(args.out)).parent}")  # fmt: skip
     fixed = None
     fixed_ranking = None
     if args.hyper_from is not None:
-        from server.artifacts import read_manifest, resolve
+        from server.artifacts import load_artifact
         from server.config import Hyper
         from server.errors import ArtifactError
 
-        source = resolve(Path(args.hyper_from))
+        # Loaded and verified, as every other artifact a command takes: a corrupt one is refused.
+        artifact = load_artifact(Path(args.hyper_from))
+        source, manifest = artifact.path, artifact.manifest
         try:
-            manifest = read_manifest(source)
             fixed = msgspec.convert(manifest["model"]["hyper"], Hyper, strict=False)
             fixed_ranking = RankingChoice.of(manifest, config.model)
         except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:

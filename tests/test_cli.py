@@ -152,6 +152,37 @@ def test_versions_lists_a_version_missing_an_array_as_unusable(
     assert lines[1:] == ["v2 unusable: item_ids.npy missing", "v3 unusable: item_table.npy missing"]
 
 
+@pytest.mark.parametrize("case", ["out is a version", "hyper-from is corrupt"])
+def test_train_refuses_a_version_as_out_and_a_corrupt_hyper_from_before_training(
+    case: str,
+    tiny_artifact: Path,
+    tiny_dataset: TinyDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A version written inside a version is found by nothing; a corrupt source of
+    hyper-parameters is refused like any corrupt artifact a command is given."""
+
+    def no_training(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("trained anyway")
+
+    monkeypatch.setattr("server.train.train", no_training)
+    source = tmp_path / "root" / "v1"
+    shutil.copytree(tiny_artifact, source)
+    if case == "out is a version":
+        code, expected = main(_train_args(tiny_dataset, source)), "is an artifact version"
+    else:
+        with (source / "item_table.npy").open("ab") as handle:
+            handle.write(b"rot")
+        out = tmp_path / "out"
+        code = main(_train_args(tiny_dataset, out, "--hyper-from", str(source)))
+        expected = "checksum mismatch"
+    assert code == 2
+    assert expected in _one_error_line(capsys, "train")
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["v1"]
+
+
 def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: Path) -> None:
     """What GET /v1/model answers: every version, with only its numeric metrics."""
     root = _root_with_an_odd_manifest(tiny_artifact, tmp_path / "root")
