@@ -508,11 +508,13 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return EXIT_STARTUP_FAILURE
+    if args.artifact is None and not list_versions(artifact):
+        # Bound but not accepting yet: connections are refused until this is done (~20 s).
+        log.info("no embedded default artifact yet: training it from %s before serving",
+                 DEFAULT_DATA)  # fmt: skip
+        build_default()
     log.info("listening on http://%s:%d (%s); loading %s", host, sock.getsockname()[1],
              config.server.http, artifact)  # fmt: skip
-    if args.artifact is None and not list_versions(artifact):
-        log.info("no embedded default artifact yet: training it from %s", DEFAULT_DATA)
-        build_default()
     service: Service = app.state["service"]
     run = run_granian if config.server.http == "granian" else run_uvicorn
     started = run(app, sock, service, config)

@@ -345,8 +345,9 @@ class Service:
             log.warning("log retention failed: %s", exc)
             return
         if dropped:
-            log.info("dropped %d log segments with events up to seq %d: every version under %s "
-                     "was trained on them", dropped, bound, self.root)  # fmt: skip
+            log.info("dropped %d log segments, every event in them at or before seq %d, which "
+                     "every version under %s was trained on", dropped, bound,
+                     self.root)  # fmt: skip
 
     def _watermarks(self) -> list[int]:
         """The watermark of every version under the root (manifest reads: off the loop)."""

@@ -460,7 +460,7 @@ def test_log_retention_drops_only_what_every_version_was_trained_on(
         assert third.client.post("/v1/feedback", json=late).json()["accepted"] == 2
     finally:
         third.stop()
-    assert "log segments with events up to seq 10" in third.log_path.read_text()
+    assert "log segments, every event in them at or before seq 10" in third.log_path.read_text()
 
     plain = _train_on_log(tiny_dataset, root, state, root / b_version)
     assert plain.returncode == 2
@@ -621,7 +621,7 @@ def test_reload_refuses_a_version_needing_dropped_events_whatever_graph_the_serv
         shutil.move(root / tiny_artifact.name, tmp_path / "aside")
         assert _admin(srv, "reload", on_log).status_code == 200  # then retention prunes
         deadline = time.monotonic() + 30.0
-        while "log segments with events up to seq" not in srv.log_path.read_text():
+        while "log segments, every event in them at or before seq" not in srv.log_path.read_text():
             assert time.monotonic() < deadline, "the log was not pruned"
             time.sleep(0.05)
         shutil.copytree(tmp_path / "aside", root / "29990101T000000000Z")
@@ -672,7 +672,7 @@ def test_reloading_the_active_version_applies_retention(
         segments = sorted((state / "events").glob("events-*.log"))
         shutil.rmtree(root / tiny_artifact.name)  # the version that needed every event
         assert _admin(srv, "reload", on_log).status_code == 200  # already active
-        assert "log segments with events up to seq 10" in srv.log_path.read_text()
+        assert "log segments, every event in them at or before seq 10" in srv.log_path.read_text()
         assert segments[0] not in sorted((state / "events").glob("events-*.log"))
     finally:
         srv.stop()
