@@ -169,6 +169,13 @@ def _field_problem(message: str) -> tuple[str, str]:
     return field, f"is invalid: {problem[0].lower()}{problem[1:]}"
 
 
+def model_id_of(manifest: dict[str, Any]) -> str:
+    """Which trained model a manifest describes, wherever it lies: the name it was trained under
+    (unique per training run), kept by a renamed copy and changed by another model put in its
+    place. Snapshots and swaps compare this, never the directory name."""
+    return str(manifest["version"])
+
+
 @dataclass(frozen=True, slots=True)
 class Artifact:
     """A loaded, verified artifact: its manifest and arrays."""
@@ -187,10 +194,8 @@ class Artifact:
 
     @property
     def model_id(self) -> str:
-        """Which trained model this is, wherever it lies: the name it was trained under (unique
-        per training run), kept by a renamed copy and changed by another model put in its place.
-        Snapshots and swaps compare this, never the directory name."""
-        return str(self.manifest["version"])
+        """Which trained model this is (see :func:`model_id_of`)."""
+        return model_id_of(self.manifest)
 
     @property
     def neg_weight(self) -> float:

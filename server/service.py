@@ -18,6 +18,7 @@ from server.artifacts import (
     is_version,
     list_versions,
     load_artifact,
+    model_id_of,
     numeric_metrics,
     read_manifest,
     resolve,
@@ -279,8 +280,10 @@ class Service:
             path = resolve(self.root) if version is None else self.root / version
             # A directory of the active name may hold another model by now (replaced on disk,
             # a symlink moved): the manifest tells.
-            same = path.name == current and (await asyncio.to_thread(read_manifest, path)).get(
-                "version") == state.item_side.model_id  # fmt: skip
+            same = path.name == current and (
+                model_id_of(await asyncio.to_thread(read_manifest, path))
+                == state.item_side.model_id
+            )
             if not same:
                 await self._swap_in(state, path, version, current, rollback)
             elif not rollback:
