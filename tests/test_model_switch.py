@@ -27,13 +27,17 @@ RETENTION = {
 }
 
 
-def _version(root: Path, source: Path, name: str, watermark: int = 0) -> str:
-    """Another version of ``source``'s model under ``root`` (its graph differs by watermark)."""
+def _version(root: Path, source: Path, name: str, watermark: int = 0, scale: float = 1.0) -> str:
+    """Another version of ``source``'s model under ``root`` (its graph differs by watermark); a
+    ``scale`` other than 1 makes it another model of the same catalogue and graph, its item
+    table times ``scale`` (user vectors fold to ``scale`` times theirs: plain to see)."""
     artifact = load_artifact(source)
+    arrays = dict(artifact.arrays)
+    arrays["item_table"] = arrays["item_table"] * np.float32(scale)
     manifest = {k: v for k, v in artifact.manifest.items()
                 if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
     manifest["watermark"] = watermark
-    return save_artifact(root, dict(artifact.arrays), manifest, version=name).name
+    return save_artifact(root, arrays, manifest, version=name).name
 
 
 def _versions(root: Path, source: Path, *names: str) -> None:
@@ -195,17 +199,6 @@ def test_a_version_with_an_unreadable_manifest_is_left_out_of_the_listing_with_a
     assert "version v1 left out of the model listing" in caplog.text
 
 
-def _another_model(root: Path, source: Path, name: str) -> None:
-    """A model of the same catalogue and graph whose item table is twice ``source``'s: user
-    vectors fold to twice theirs, so which model built a vector is plain to see."""
-    artifact = load_artifact(source)
-    arrays = dict(artifact.arrays)
-    arrays["item_table"] = arrays["item_table"] * 2.0
-    manifest = {k: v for k, v in artifact.manifest.items()
-                if k not in ("files", "version", "created_at", "schema_version")}  # fmt: skip
-    save_artifact(root, arrays, manifest, version=name)
-
-
 def test_another_model_put_under_the_served_name_is_not_mistaken_for_it(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:
@@ -214,7 +207,7 @@ def test_another_model_put_under_the_served_name_is_not_mistaken_for_it(
     the snapshot and the swap check the model itself)."""
     other, root, state = tmp_path / "other", tmp_path / "root", tmp_path / "state"
     _version(other, tiny_artifact, "A")
-    _another_model(other, tiny_artifact, "B")
+    _version(other, tiny_artifact, "B", scale=2.0)
     shutil.copytree(other / "A", root / "prod")
     likes = [{"event_id": f"e{n}", "user_id": f"u{n % 3}", "item_id": str(n), "kind": "like"}
              for n in range(6)]  # fmt: skip
