@@ -69,6 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     path = train(Path(args.data), args.threshold, Path(args.out), config.model, fixed=fixed,
                  events=events, weights=config.events, since=since,
                  history_cap=config.server.history_max_limit,
+                 suppression_recent=config.ranking.suppression_recent,
                  fixed_ranking=fixed_ranking)  # fmt: skip
     print(path)
     return 0
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--served", action="store_true",
-        help="rank as the server does: with the artifact's dislike suppression and propensity",
+        help="rank as the server does at the default config: with the artifact's dislike "
+        "suppression (over each user's last ranking.suppression_recent dislikes) and propensity",
     )  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 

@@ -60,6 +60,18 @@ class SignedGraph:
         items = np.concatenate([self.pos_items, self.neg_items]).astype(np.int64)
         return users, items, np.concatenate([self.pos_weights, -self.neg_weights])
 
+    def latest_negatives(self, recent: int) -> sp.csr_matrix:
+        """Each user's last ``recent`` dislikes in row order, the ones the server's look-alike
+        suppression reads (``ranking.suppression_recent``), as a float32 CSR matrix."""
+        counts = np.diff(self.neg_indptr)
+        # An entry's distance from its row's end: kept when it is among the last ``recent``.
+        from_end = np.repeat(self.neg_indptr[1:], counts) - np.arange(len(self.neg_items))
+        keep = from_end <= recent
+        indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(np.minimum(counts, recent), out=indptr[1:])
+        return sp.csr_matrix((self.neg_weights[keep], self.neg_items[keep], indptr),
+                             (self.n_users, self.n_items))  # fmt: skip
+
     def signed_input(self, neg_weight: float) -> sp.csr_matrix:
         """The model's input matrix: 1 for positive edges, ``neg_weight`` for negative ones."""
         pos, neg = self.matrices()

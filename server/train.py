@@ -33,7 +33,7 @@ from server.artifacts import (
     npy_sha256,
     save_artifact,
 )
-from server.config import EventWeights, Hyper, ModelConfig, ServerConfig
+from server.config import EventWeights, Hyper, ModelConfig, RankingConfig, ServerConfig
 from server.data import Dataset, IdMap, load_dataset
 from server.errors import ArtifactError, DataError
 from server.evaluate import (
@@ -228,18 +228,19 @@ def popular_when_zero(scores: np.ndarray, popularity: np.ndarray) -> np.ndarray:
 def served_scores(
     item_table: np.ndarray, item_vectors: np.ndarray, graph: SignedGraph, neg_weight: float,
     gamma: float, beta: float, prior: float, popularity: np.ndarray,
+    recent: int = RankingConfig().suppression_recent,
 ) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
     """Score rows as the server ranks them: suppression and dislike propensity included.
 
     Normalised model scores (``popularity`` for a user whose scores are all zero), minus gamma
     x the largest cosine to the user's dislikes, minus beta x P(the user dislikes the item) with
-    rates smoothed by ``prior`` pseudo-ratings. Offline the user's dislikes are all of its train
-    dislikes (the server uses its most recent ``ranking.suppression_recent``); with ``gamma``
-    and ``beta`` 0 this is the model's ranking. Every user here is a trained user: the server
+    rates smoothed by ``prior`` pseudo-ratings. The user's dislikes are the last ``recent`` of
+    its row, as the server's ``ranking.suppression_recent`` reads them; with ``gamma`` and
+    ``beta`` 0 this is the model's ranking. Every user here is a trained user: the server
     ranks a user known only from live feedback, with no like yet, from popularity instead.
     """
     z = graph.signed_input(neg_weight)
-    _, negatives = graph.matrices()
+    negatives = graph.latest_negatives(recent)
     unit = unit_rows(item_vectors)
     if beta:
         propensity = graph_propensity(graph, prior)
@@ -260,7 +261,7 @@ def served_scores(
 
 
 def artifact_served_scores(
-    artifact: Artifact, graph: SignedGraph
+    artifact: Artifact, graph: SignedGraph, recent: int = RankingConfig().suppression_recent
 ) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`served_scores` with the ranking settings an artifact's training chose."""
     ranking = artifact.manifest["ranking"]
@@ -269,7 +270,7 @@ def artifact_served_scores(
     arrays = artifact.arrays
     return served_scores(arrays["item_table"], arrays["item_vectors"], graph, artifact.neg_weight,
                          float(ranking["suppression_gamma"]), beta, prior,
-                         arrays["item_popularity"])  # fmt: skip
+                         arrays["item_popularity"], recent)  # fmt: skip
 
 
 def normalise_rows(scores: np.ndarray) -> np.ndarray:
@@ -524,6 +525,7 @@ def train(
     since: Path | None = None,
     fixed_ranking: RankingChoice | None = None,
     history_cap: int = ServerConfig().history_max_limit,
+    suppression_recent: int = RankingConfig().suppression_recent,
 ) -> Path:
     """Train on ``train.txt``, select on ``valid.txt``, export one artifact version; return it.
 
@@ -534,7 +536,8 @@ def train(
     last seq read: a server on that state replays only what came after it. With ``since`` (a
     version trained on the same data and log) training starts from that version's graph and
     reads only the events after its watermark, so the log's older segments may be gone. The
-    version keeps each user's ``history_cap`` most recent logged events for their history.
+    version keeps each user's ``history_cap`` most recent logged events for their history,
+    and suppression is judged on each user's last ``suppression_recent`` dislikes, as served.
     """
     out = sys.stderr if out is None else out  # the stream at call time, not import
     started = time.perf_counter()
@@ -583,7 +586,8 @@ def train(
         return popular_when_zero(served(u), popularity)
 
     unit = unit_rows(item_vectors)
-    _, negatives = graph.matrices()
+    # The dislikes serving's suppression reads, so gamma is chosen on the ranking it serves.
+    negatives = graph.latest_negatives(suppression_recent)
     fresh = _fresh_dislikes(dataset, graph, config)
 
     def sink(gamma: float) -> float:
@@ -600,7 +604,7 @@ def train(
             served_routed, sink, unit, negatives, valid_truth, masked, config, out
         )
         suppressed = served_scores(item_table, item_vectors, graph, best.neg_weight, gamma, 0.0,
-                                   prior, popularity)  # fmt: skip
+                                   prior, popularity, suppression_recent)  # fmt: skip
         beta, propensity = select_propensity(suppressed, graph, valid_truth, masked, config, out)
     else:
         gamma, beta, prior = fixed_ranking.gamma, fixed_ranking.beta, fixed_ranking.prior

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from server.artifacts import load_artifact
 from server.config import IndexConfig, RankingConfig, load_config
-from server.data import load_dataset
+from server.data import Interactions, load_dataset
 from server.evaluate import interaction_matrix
 from server.events import EventRecord
-from server.graph import build_graph
+from server.graph import build_graph, with_feedback
 from server.index import ItemIndex
 from server.ranking import Ragged, candidates, rank_pool
 from server.state import LiveState
@@ -94,17 +94,21 @@ def test_a_users_ranking_does_not_depend_on_its_batch(seed: int, k: int, kind: s
         assert (ids[0] >= 0).sum() == k  # always k results: enough unseen candidates remain
 
 
-@pytest.mark.parametrize("beta", [None, 0.5])
+@pytest.mark.parametrize(("beta", "recent"), [(None, 50), (0.5, 50), (None, 1)])
 def test_server_ranks_as_the_offline_served_scores(
-    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path, beta: float | None
-) -> None:
+    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path, beta: float | None,
+    recent: int,
+) -> None:  # fmt: skip
     """The gamma and beta chosen offline are judged on the ranking the server really gives.
 
-    For every trained user (all with train dislikes, fewer than suppression_recent), the live
-    state's top-k equals the top-k of ``server.train.served_scores`` with train items masked,
-    with the artifact's strengths (None) and with a dislike-propensity weight set by config.
+    For every trained user, the live state's top-k equals the top-k of
+    ``server.train.served_scores`` with train items masked, with the artifact's strengths
+    (None) and with a dislike-propensity weight set by config; with a suppression window of 1
+    most users have more dislikes than it, and both sides read the same one.
     """
-    env = {} if beta is None else {"SIGNEDREC_RANKING__PROPENSITY_BETA": str(beta)}
+    env = {"SIGNEDREC_RANKING__SUPPRESSION_RECENT": str(recent)}
+    if beta is not None:
+        env["SIGNEDREC_RANKING__PROPENSITY_BETA"] = str(beta)
     state = LiveState(tiny_artifact, tmp_path / "state", load_config(env=env))
     artifact = load_artifact(tiny_artifact)
     ranking = artifact.manifest["ranking"]
@@ -114,10 +118,12 @@ def test_server_ranks_as_the_offline_served_scores(
     assert state.item_side.beta == beta
     dataset = load_dataset(tiny_dataset.path, tiny_dataset.threshold)
     graph = build_graph(dataset.train, dataset.threshold, dataset.n_users, dataset.n_items)
+    if recent < 50:
+        assert (np.diff(graph.neg_indptr) > recent).sum() >= dataset.n_users // 2
     arrays, prior = artifact.arrays, ranking["propensity_prior"]
     score = served_scores(arrays["item_table"], arrays["item_vectors"], graph,
                           artifact.neg_weight, gamma, beta, prior,
-                          arrays["item_popularity"])  # fmt: skip
+                          arrays["item_popularity"], recent)  # fmt: skip
     users = np.arange(dataset.n_users)
     offline = score(users)
     seen = interaction_matrix(dataset.train.users, dataset.train.items, *offline.shape)
@@ -128,6 +134,30 @@ def test_server_ranks_as_the_offline_served_scores(
         expected = np.argsort(-offline[user], kind="stable")[:k]
         assert [int(i) for i in answer.items] == expected.tolist()
         np.testing.assert_allclose(answer.scores, offline[user, expected], rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edges=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 9), st.sampled_from([-1.0, 1.0])),
+                   max_size=60),
+    recent=st.integers(0, 12),
+)  # fmt: skip
+def test_latest_negatives_are_each_rows_last_window(
+    edges: list[tuple[int, int, float]], recent: int
+) -> None:
+    """The dislikes offline suppression reads are the tail of each user's row, as served."""
+    users, items, strengths = (np.array(c) for c in zip(*edges, strict=True)) if edges else (
+        np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))  # fmt: skip
+    empty = build_graph(Interactions(np.empty(0, np.int32), np.empty(0, np.int32),
+                                     np.empty(0, np.float32)), 1.0, 6, 10)  # fmt: skip
+    graph = with_feedback(empty, users, items, strengths.astype(np.float32), 6)
+    window = graph.latest_negatives(recent)
+    for user in range(6):
+        start, end = graph.neg_indptr[user], graph.neg_indptr[user + 1]
+        tail = slice(max(start, end - recent), end)
+        row = slice(window.indptr[user], window.indptr[user + 1])
+        assert window.indices[row].tolist() == graph.neg_items[tail].tolist()
+        assert window.data[row].tolist() == graph.neg_weights[tail].tolist()
 
 
 def _dislike_many(state: LiveState, user: str, items: list[int]) -> None:
