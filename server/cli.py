@@ -112,6 +112,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               f"{artifact.watermark}); {inside} {args.split} rows are in it, not held out",
               file=sys.stderr)  # fmt: skip
     else:
+        inside = 0
         graph = build_graph(dataset.train, threshold, dataset.n_users, n_items)
         masked = interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users,
                                     n_items)  # fmt: skip
@@ -119,11 +120,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table, vectors = artifact.arrays["item_table"], artifact.arrays["item_vectors"]
     truth = ground_truth(split, threshold, graph.n_users, n_items)
     if len(truth.users) == 0:
+        why = (f"is --threshold {threshold:g} right?" if not inside else
+               f"{inside} of its rows are in the artifact's graph (its training read them from "
+               "a server's log), so they are not held out")  # fmt: skip
         raise DataError(
             str(Path(args.data) / f"{args.split}.txt"),
             None,
             f"no user has a positive (rating >= {threshold:g}) in the {args.split} split to "
-            f"evaluate against; is --threshold {threshold:g} right?",
+            f"evaluate against; {why}",
         )
 
     def model_scores(users: np.ndarray) -> np.ndarray:

@@ -483,6 +483,12 @@ def test_a_log_of_the_valid_rows_keeps_the_served_strengths_of_the_refit_source(
         if key != "users":
             assert result[key] == pytest.approx(value, abs=1e-6), key
     assert "0 test rows are in it, not held out" in printed.err
+    # Every valid row is train input now: the refusal says so instead of doubting the threshold.
+    assert main(["evaluate", "--artifact", str(refit), "--data", str(tiny_dataset.path),
+                 "--split", "valid"]) == 2  # fmt: skip
+    refused = capsys.readouterr().err
+    assert f"{len(valid)} of its rows are in the artifact's graph" in refused
+    assert "threshold" not in refused.split("evaluate against;")[1]
 
 
 def test_a_newcomer_stays_one_once_a_version_is_trained_on_its_log(
