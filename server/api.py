@@ -512,7 +512,8 @@ def serve(args: argparse.Namespace) -> int:
         # Bound but not accepting yet: connections are refused until this is done (~20 s).
         log.info("no embedded default artifact yet: training it from %s before serving",
                  DEFAULT_DATA)  # fmt: skip
-        build_default()
+        if not build_default_unless_stopped():
+            return 0
     log.info("listening on http://%s:%d (%s); loading %s", host, sock.getsockname()[1],
              config.server.http, artifact)  # fmt: skip
     service: Service = app.state["service"]
@@ -524,6 +525,31 @@ def serve(args: argparse.Namespace) -> int:
     if failure is not None or not started:
         return EXIT_STARTUP_FAILURE  # a bug: its traceback is in the log
     return 0
+
+
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT arrived while the default was training."""
+
+
+def _request_stop(signum: int, frame: FrameType | None) -> None:
+    """Unwind the training at its next Python step (a partial version is removed on the way)."""
+    raise _StopRequested(signal.Signals(signum).name)
+
+
+def build_default_unless_stopped() -> bool:
+    """Train the missing default before serving; False when a stop signal ended it, so a
+    SIGTERM'd serve exits 0 whether it came before, during or after that training."""
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        build_default()
+    except _StopRequested as stop:
+        log.info("%s while training the default: stopped before serving, nothing written",
+                 stop.args[0])  # fmt: skip
+        return False
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return True
 
 
 def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:

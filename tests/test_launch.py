@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import kernels
 from server.config import HTTP_FRONTS
-from server.default import DEFAULT_ARTIFACTS
+from server.default import DEFAULT_ARTIFACTS, DEFAULT_DATA, REPO_ROOT
 from server.launch import ServeProcess, child_environment
 
 
@@ -86,3 +91,41 @@ def test_a_state_dir_that_is_a_file_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert "Traceback" not in server.log_text()
     assert "listening on" not in server.log_text()
+
+
+def test_a_stop_while_the_default_trains_exits_0_and_writes_nothing(tmp_path: Path) -> None:
+    """`serve` with no default trains one first; a SIGTERM then (a deploy rolled back, say)
+    ends it like a SIGTERM while serving: exit 0, no version and no temp dir left behind."""
+    repo = tmp_path / "clone"  # a fresh clone: the code and the in-repo data, no default yet
+    for package in ("server", "kernels"):
+        shutil.copytree(REPO_ROOT / package, repo / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(DEFAULT_DATA, repo / "model_artifacts" / "default-data")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = child_environment({"PYTHONPATH": str(repo), "SIGNEDREC_KERNELS__BACKEND": "cpu"})
+    with (tmp_path / "serve.log").open("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+             "--state-dir", str(tmp_path / "state")],
+            cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            # The trainer's first progress line: the data is read, the model search is next.
+            while "valid rows;" not in (tmp_path / "serve.log").read_text():
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "serve.log").read_text()
+    assert "SIGTERM while training the default: stopped before serving" in text
+    assert "Traceback" not in text
+    root = repo / "model_artifacts" / "default"
+    assert not root.exists() or not any(root.iterdir())
