@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 
 from server.access import admit
 from server.artifacts import list_versions, root_of
-from server.config import Config, load_config
+from server.config import Config, RankingConfig, ServerConfig, load_config
 from server.default import DEFAULT_ARTIFACTS, DEFAULT_DATA, build_default
 from server.errors import (
     ArtifactError,
@@ -53,6 +53,7 @@ from server.service import Service
 from server.state import LiveState
 from server.wire import (
     FEEDBACK_DECODER,
+    NOT_READY,
     READ_ERRORS,
     RELOAD_DECODER,
     RESPONSE_ENCODER,
@@ -150,6 +151,20 @@ def internal_error(_: Request, exc: Exception) -> Response:
     return _error_response(500, "internal_error", "internal server error", {})
 
 
+# The bounds are config (ranking.max_k, server.history_max_limit): checked in the handlers,
+# and named here for the schema with their defaults.
+K_PARAMETER = Parameter(
+    ge=1,
+    description=f"how many items, at most ranking.max_k ({RankingConfig().max_k} by default); "
+    f"ranking.default_k ({RankingConfig().default_k} by default) when omitted",
+)
+LIMIT_PARAMETER = Parameter(
+    description="how many events, 1 to server.history_max_limit "
+    f"({ServerConfig().history_max_limit} by default); server.history_default_limit "
+    f"({ServerConfig().history_default_limit} by default) when omitted",
+)
+
+
 def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
@@ -159,12 +174,16 @@ def _service(request: Request) -> Service:
 
 
 @get("/healthz", sync_to_thread=False)
-def healthz() -> Status:
-    """Liveness: the process answers."""
-    return Status(status="ok")
+def healthz(request: Request) -> Status:
+    """Liveness: the process answers (and, once loaded, with what it serves)."""
+    state = _service(request).state
+    if state is None:
+        return Status(status="ok")
+    return Status(status="ok", model_version=state.item_side.version,
+                  events_applied=state.events_applied)  # fmt: skip
 
 
-@get("/readyz", sync_to_thread=False)
+@get("/readyz", sync_to_thread=False, responses=NOT_READY)
 def readyz(request: Request) -> Response:
     """Readiness: artifact loaded and log replayed."""
     service = _service(request)
@@ -204,7 +223,7 @@ def metrics(request: Request) -> Response:
 async def recommendations(
     request: Request,
     user_id: FromPath[str],
-    k: Annotated[int | None, Parameter(ge=1)] = None,
+    k: Annotated[int | None, K_PARAMETER] = None,
     include_liked: FromQuery[bool] = False,
 ) -> Response[RecommendationsOut]:
     """Top-K for a user: no items they gave feedback on, dislike look-alikes pushed down."""
@@ -340,7 +359,7 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 @get("/v1/users/{user_id:str}/history", responses=READ_ERRORS)
 async def history(
-    request: Request, user_id: FromPath[str], limit: FromQuery[int | None] = None
+    request: Request, user_id: FromPath[str], limit: Annotated[int | None, LIMIT_PARAMETER] = None
 ) -> HistoryOut:
     """The user's signed feedback, newest first."""
     started = time.perf_counter()
@@ -362,7 +381,7 @@ async def history(
 
 @get("/v1/items/{item_id:str}/similar", responses=READ_ERRORS)
 async def similar(
-    request: Request, item_id: FromPath[str], k: Annotated[int | None, Parameter(ge=1)] = None
+    request: Request, item_id: FromPath[str], k: Annotated[int | None, K_PARAMETER] = None
 ) -> SimilarOut:
     """Nearest items by cosine of the model's item vectors."""
     started = time.perf_counter()

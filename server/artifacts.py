@@ -508,6 +508,17 @@ def missing_files(path: Path, manifest: dict[str, Any]) -> list[str]:
     return missing
 
 
+def inspect_version(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A version's manifest (None if unreadable) and why it cannot serve (None when nothing
+    is found wrong): what a listing can tell without reading every array's checksum."""
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError as exc:
+        return None, exc.message
+    missing = missing_files(path, manifest)
+    return manifest, (f"{', '.join(missing)} missing" if missing else None)
+
+
 def load_artifact(path: Path, verify: bool = True) -> Artifact:
     """Load a version (or the newest under a root), verifying checksums, dtypes and shapes."""
     path = resolve(path)

@@ -151,28 +151,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    from server.artifacts import (
-        list_versions,
-        missing_files,
-        numeric_metrics,
-        read_manifest,
-        root_of,
-    )
-    from server.errors import ArtifactError
+    from server.artifacts import inspect_version, list_versions, numeric_metrics, root_of
 
     root = Path(args.root)
     if not root.is_dir():
         raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
     root = root_of(Path(os.path.abspath(root)))  # a version dir lists its root's versions
     for version in list_versions(root):
-        try:
-            manifest = read_manifest(root / version)
-        except ArtifactError as exc:  # one bad version must not hide the others
-            print(version, f"unusable: {exc.message}")
-            continue
-        missing = missing_files(root / version, manifest)  # what reload would refuse at once
-        if missing:
-            print(version, f"unusable: {', '.join(missing)} missing")
+        # One bad version must not hide the others; a reload would refuse it at once.
+        manifest, problem = inspect_version(root / version)
+        if manifest is None or problem is not None:
+            print(version, f"unusable: {problem}")
             continue
         metrics = manifest.get("metrics")
         test = numeric_metrics(metrics.get("test") if isinstance(metrics, dict) else None)

@@ -15,6 +15,7 @@ import kernels
 from server import rollout
 from server.access import Guard, InFlight, RateLimiter
 from server.artifacts import (
+    inspect_version,
     is_version,
     list_versions,
     load_artifact,
@@ -372,16 +373,18 @@ class Service:
         """The active version, the one rollback would restore, and every version on disk."""
         state = self.live()
         versions = []
-        for version, manifest in await asyncio.to_thread(self._readable_manifests):
+        for version, manifest, problem in await asyncio.to_thread(self._inspect_versions):
             tables = manifest.get("metrics")
             tables = tables if isinstance(tables, dict) else {}
+            created = manifest.get("created_at")
             versions.append(
                 ModelVersion(
                     version=version,
                     active=version == state.item_side.version,
-                    created_at=manifest.get("created_at"),
+                    created_at=created if isinstance(created, str) else None,
                     # Only numbers: a hand-edited "n/a" must not fail the whole listing.
                     metrics=numeric_metrics(tables.get("test") or tables.get("valid")),
+                    problem=problem,
                 )
             )
         return ModelOut(
@@ -390,15 +393,14 @@ class Service:
             versions=versions,
         )
 
-    def _readable_manifests(self) -> list[tuple[str, dict[str, Any]]]:
-        """(version, manifest) for every version under the root whose manifest can be read."""
-        readable = []
+    def _inspect_versions(self) -> list[tuple[str, dict[str, Any], str | None]]:
+        """(version, manifest or {}, why it cannot serve or None) for every version under the
+        root: a bad one is listed with its problem, as a plain reload would still pick it."""
+        listed = []
         for version in list_versions(self.root):
-            try:
-                readable.append((version, read_manifest(self.root / version)))
-            except ArtifactError as exc:  # one bad version must not fail the listing
-                log.warning("version %s left out of the model listing: %s", version, exc.message)
-        return readable
+            manifest, problem = inspect_version(self.root / version)
+            listed.append((version, manifest or {}, problem))
+        return listed
 
     def live(self) -> LiveState:
         """The state, or NotReadyError while loading."""

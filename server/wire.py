@@ -116,6 +116,9 @@ class ModelVersion(Base):
     active: bool
     created_at: str | None
     metrics: dict[str, float]
+    # Why it cannot serve, when a listing can tell (an unreadable manifest, missing array
+    # files; checksums are verified when it loads): a plain reload would pick it if newest.
+    problem: str | None = None
 
 
 class ModelOut(Base):
@@ -193,5 +196,6 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 
 
 READ_ERRORS = _errors(400, 401, 403, 404, 422, 429, 503)
+NOT_READY = _errors(503)
 WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422, 429, 503)
 RELOAD_DECODER = msgspec.json.Decoder(ReloadIn)

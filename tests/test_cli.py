@@ -204,6 +204,36 @@ def test_describe_leaves_out_non_numeric_metrics(tiny_artifact: Path, tmp_path: 
     assert all(isinstance(v, float) and math.isfinite(v) for v in by_version["v2"].values())
 
 
+def test_describe_lists_a_version_that_cannot_serve_with_its_problem(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """GET /v1/model lists every version a plain reload could pick: one with a damaged
+    manifest was left out, so the listing's newest was not the version a reload refused."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_artifact, root / "v1")
+    service = Service(root, tmp_path / "state", load_config(env={"SIGNEDREC_KERNELS__BACKEND":
+                                                                 "cpu"}))  # fmt: skip
+    service.state = service.load()
+    shutil.copytree(tiny_artifact, root / "v2")
+    (root / "v2" / "item_table.npy").unlink()
+    shutil.copytree(tiny_artifact, root / "v3")
+    (root / "v3" / "manifest.json").write_text("{not json")
+    try:
+        described = asyncio.run(service.describe())
+    finally:
+        if service.state.log is not None:
+            service.state.log.close_sync()
+    by_version = {v.version: v for v in described.versions}
+    assert list(by_version) == ["v1", "v2", "v3"]
+    assert by_version["v1"].problem is None
+    assert by_version["v1"].active
+    assert by_version["v2"].problem == "item_table.npy missing"
+    assert "ndcg@20" in by_version["v2"].metrics  # its manifest is fine: what it claimed
+    assert "manifest.json is not valid JSON" in by_version["v3"].problem
+    assert by_version["v3"].metrics == {}
+    assert by_version["v3"].created_at is None
+
+
 @pytest.mark.parametrize("keep", ["positives", "negatives"])
 def test_train_on_a_valid_split_of_one_sign(
     keep: str,

@@ -67,6 +67,19 @@ def test_every_served_operation_is_fuzzed(live: Server) -> None:
     assert served == set(OPERATIONS)
 
 
+def test_the_schema_names_the_bounds_and_statuses_the_server_enforces(live: Server) -> None:
+    """Clients generated from the schema learn the config bounds of k and limit (they are
+    checked in the handlers, so only named) and readiness's 503 while loading."""
+    paths = live.client.get("/schema/openapi.json").json()["paths"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    for path, name, bound in (("/v1/recommendations/{user_id}", "k", "ranking.max_k (200"),
+                              ("/v1/items/{item_id}/similar", "k", "ranking.max_k (200"),
+                              ("/v1/users/{user_id}/history", "limit",
+                               "server.history_max_limit (5000")):  # fmt: skip
+        params = {p["name"]: p for p in paths[path]["get"]["parameters"]}
+        assert bound in params[name]["description"]
+
+
 def test_an_unknown_schema_page_gets_the_one_error_body(live: Server) -> None:
     """Litestar answers unknown /schema/ pages with an HTML page; ours is the JSON error body."""
     answer = live.client.get("/schema/nope")

@@ -88,8 +88,13 @@ def _event(user: str, item: str, kind: str, value: float | None = None) -> dict[
 
 
 def test_shapes(server: Server, request: pytest.FixtureRequest) -> None:
-    assert server.client.get("/healthz").json() == {"status": "ok", "model_version": None,
-                                                     "events_applied": 0}  # fmt: skip
+    # Loaded: liveness names what it serves, as readiness does (it said null and 0).
+    ready = server.client.get("/readyz").json()
+    assert server.client.get("/healthz").json() == {
+        "status": "ok", "model_version": ready["model_version"],
+        "events_applied": ready["events_applied"],
+    }  # fmt: skip
+    assert ready["model_version"] is not None
     body = server.client.get("/v1/recommendations/3", params={"k": 7}).json()
     assert set(body) == {"user_id", "model_version", "items", "took_ms", "fallback"}
     assert body["user_id"] == "3"
