@@ -15,7 +15,18 @@ from typing import Annotated, Any
 
 import msgspec
 import uvicorn
-from litestar import Litestar, MediaType, Request, Response, Router, get, head, post
+from litestar import (
+    HttpMethod,
+    Litestar,
+    MediaType,
+    Request,
+    Response,
+    Router,
+    get,
+    head,
+    post,
+    route,
+)
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, InternalServerException, NotFoundException
 from litestar.openapi import OpenAPIConfig
@@ -206,6 +217,13 @@ def healthz_head() -> None:
 def readyz_head(request: Request) -> Response[None]:
     """Readiness for probes that send HEAD: the status of GET /readyz, no body."""
     return Response(None, status_code=200 if _service(request).state is not None else 503)
+
+
+@route(["/healthz", "/readyz"], http_method=HttpMethod.OPTIONS, sync_to_thread=False,
+       include_in_schema=False)  # fmt: skip
+def probes_options() -> Response[None]:
+    """The probes' methods: litestar's own OPTIONS answer names only the first handler's."""
+    return Response(None, status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
 
 
 @get("/metrics", sync_to_thread=False, media_type=MediaType.TEXT)
@@ -455,6 +473,9 @@ def create_app(artifact: Path, state_dir: Path, config: Config) -> Litestar:
 
     return Litestar(
         route_handlers=[
+            # Before the probes' GET and HEAD: a route creates its own OPTIONS handler with the
+            # first one registered on its path, and a second would be refused.
+            probes_options,
             healthz,
             healthz_head,
             readyz,

@@ -313,6 +313,12 @@ def test_a_wrong_method_names_the_allowed_ones_and_probes_may_send_head(server: 
     for path in ("/healthz", "/readyz"):
         r = server.client.head(path)
         assert (r.status_code, r.content) == (200, b""), path
+        # OPTIONS and a 405 name the same methods (OPTIONS left HEAD out).
+        allowed = {m.strip() for m in server.client.options(path).headers["allow"].split(",")}
+        assert allowed == {"GET", "HEAD", "OPTIONS"}, path
+        refused = server.client.put(path)
+        assert refused.status_code == 405
+        assert {m.strip() for m in refused.headers["allow"].split(",")} == allowed
 
 
 def test_a_burst_of_new_connections_is_served(server: Server) -> None:
