@@ -406,23 +406,32 @@ def _publish(tmp: Path, root: Path, body: dict[str, Any], chosen: bool) -> Path:
 
 
 def list_versions(root: Path) -> list[str]:
-    """Versions under a root that have a manifest, oldest first."""
+    """Versions under a root that have a manifest, oldest first; a directory that cannot be
+    looked into is listed too, so loading it says why (one bad version hides no other)."""
     root = Path(root)
     try:
         if not root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
-        )
-    except OSError as exc:  # e.g. a root or version dir this user may not read
+        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    except OSError as exc:  # e.g. a root this user may not read
         raise ArtifactError(f"cannot read artifact root {root}: {exc.strerror or exc}") from None
+    return sorted(p.name for p in entries if _may_be_version(p))
+
+
+def _may_be_version(path: Path) -> bool:
+    try:
+        return path.is_dir() and (path / MANIFEST).is_file()
+    except OSError:  # a version dir this user may not read: its manifest's read will say so
+        return True
 
 
 def is_version(path: Path) -> bool:
-    """True for a version directory (it holds a manifest), false for a root of versions."""
-    return (Path(path) / MANIFEST).is_file()
+    """True for a version directory (it holds a manifest), false for a root of versions (or a
+    directory that cannot be looked into: reading it as a root then names the problem)."""
+    try:
+        return (Path(path) / MANIFEST).is_file()
+    except OSError:
+        return False
 
 
 def root_of(path: Path) -> Path:
@@ -531,12 +540,16 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
         if entry is None:
             raise ArtifactError(f"{path}: manifest does not list {file}")
         full = path / file
-        if not full.is_file():
-            raise ArtifactError(f"{path}: {file} is missing")
-        if verify and _sha256(full) != entry["sha256"]:
-            raise ArtifactError(f"{path}: checksum mismatch for {file}; the artifact is corrupt")
         try:
+            if not full.is_file():
+                raise ArtifactError(f"{path}: {file} is missing")
+            if verify and _sha256(full) != entry["sha256"]:
+                raise ArtifactError(
+                    f"{path}: checksum mismatch for {file}; the artifact is corrupt"
+                )
             array = np.load(full, allow_pickle=False)
+        except OSError as exc:  # permissions, I/O errors
+            raise ArtifactError(f"{path}: {file} cannot be read: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ArtifactError(f"{path}: {file} cannot be read: {exc}") from None
         if not str(array.dtype).startswith(dtype) or list(array.shape) != entry["shape"]:

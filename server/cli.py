@@ -9,12 +9,16 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 
 from server.default import DEFAULT_ARTIFACTS, build_default
 from server.errors import SignedrecError
+
+if TYPE_CHECKING:
+    from server.data import Dataset
 
 EXIT_USAGE = 2
 
@@ -75,6 +79,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_row_beyond(
+    dataset: Dataset, directory: Path, column: str, bound: int
+) -> tuple[str, int, int]:
+    """The split file and (user, item) of the first row whose ``column`` id is >= bound."""
+    for name in ("train", "valid", "test"):
+        part = getattr(dataset, name)
+        rows = np.flatnonzero(getattr(part, column) >= bound) if part is not None else []
+        if len(rows):
+            first = rows[0]
+            return str(directory / f"{name}.txt"), int(part.users[first]), int(part.items[first])
+    raise ValueError(f"no {column} id reaches {bound}")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from server.artifacts import load_artifact
     from server.data import load_dataset
@@ -88,9 +105,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     split = getattr(dataset, args.split)
     n_items = artifact.arrays["item_table"].shape[0]
     if dataset.n_items > n_items:
-        raise SignedrecError(
-            f"{args.data}: has item ids up to {dataset.n_items - 1}, the artifact knows {n_items}"
-        )
+        path, user, item = _first_row_beyond(dataset, Path(args.data), "items", n_items)
+        raise DataError(
+            path, None,
+            f"the row of user {user} and item {item} names an item beyond the {n_items} the "
+            f"artifact knows (ids 0-{n_items - 1})",
+        )  # fmt: skip
     if artifact.watermark > 0 and artifact.manifest["dataset"].get("fingerprint") == (
         dataset.fingerprint
     ):
@@ -100,11 +120,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         # an id (a test file added since) would be scored with another user's feedback.
         trained_users = int(artifact.manifest["dataset"].get("n_users", dataset.n_users))
         if dataset.n_users > trained_users:
-            raise SignedrecError(
-                f"{args.data}: user ids up to {dataset.n_users - 1}, but the data this artifact "
-                f"was trained on had {trained_users} users (later ids are users its log "
-                "created): evaluate it on the data it was trained on"
-            )
+            path, user, item = _first_row_beyond(dataset, Path(args.data), "users", trained_users)
+            raise DataError(
+                path, None,
+                f"the row of user {user} and item {item} names a user beyond the "
+                f"{trained_users} of the data this artifact was trained on (later ids are users "
+                "its log created): evaluate it on the data it was trained on",
+            )  # fmt: skip
         graph = artifact.trained_graph()
         masked = interaction_matrix(*graph.edges()[:2], graph.n_users, n_items)
         split, inside = held_out(split, masked)

@@ -206,6 +206,14 @@ def _number(token: str) -> float | None:
         return None
 
 
+def _is_file(path: Path) -> bool:
+    """Whether a split file is there; a directory that cannot be looked into is named."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise DataError(str(path), None, f"cannot be read: {exc.strerror or exc}") from None
+
+
 def load_dataset(directory: Path, threshold: float, require_test: bool = False) -> Dataset:
     """Load train/valid(/test) from a directory; missing splits and bad rows raise DataError."""
     directory = Path(directory)
@@ -215,12 +223,12 @@ def load_dataset(directory: Path, threshold: float, require_test: bool = False) 
         raise DataError(str(directory), None, f"threshold {threshold} is not a finite number")
     needed = SPLITS if require_test else SPLITS[:2]
     for split in needed:
-        if not (directory / f"{split}.txt").is_file():
+        if not _is_file(directory / f"{split}.txt"):
             raise DataError(str(directory / f"{split}.txt"), None, f"missing {split} split")
     train = read_interactions(directory / "train.txt")
     valid = read_interactions(directory / "valid.txt")
     test_path = directory / "test.txt"
-    test = read_interactions(test_path) if test_path.is_file() else None
+    test = read_interactions(test_path) if _is_file(test_path) else None
     parts = [train, valid] + ([test] if test is not None else [])
     _check_dense([directory / f"{s}.txt" for s in SPLITS[: len(parts)]], parts)
     n_users = int(max(int(p.users.max()) for p in parts)) + 1

@@ -340,3 +340,84 @@ def test_a_root_and_its_versions_share_the_default_state_dir(
     root = tiny_artifact.parent
     assert default_state_dir(root) == tmp_path / "xdg" / "signedrec" / root.name
     assert default_state_dir(tiny_artifact) == default_state_dir(root)
+
+
+def _refuse_under(monkeypatch: pytest.MonkeyPatch, method: str, below: Path) -> None:
+    """``Path.<method>`` raises EACCES for paths under ``below``, as for a user who may not read
+    it (the tests run as root, so the error is injected)."""
+    original = getattr(Path, method)
+
+    def refused(self: Path, *args: object, **kwargs: object) -> object:
+        if self.is_relative_to(below) and self != below:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, refused)
+
+
+def test_an_unreadable_version_is_listed_as_unusable_beside_the_others(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """One version dir this user may not read refused the whole root, blaming the root, and
+    hid the good versions; an unreadable root was a PermissionError traceback."""
+    root = tmp_path / "root"
+    for name in ("v1", "v2"):
+        shutil.copytree(tiny_artifact, root / name)
+    _refuse_under(monkeypatch, "is_file", root / "v1")
+    _refuse_under(monkeypatch, "read_text", root / "v1")
+    assert list_versions(root) == ["v1", "v2"]
+    assert main(["versions", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("v1 unusable: ")
+    assert "Permission denied" in lines[0]
+    assert lines[1].startswith("v2 ndcg@20(test)=")
+    monkeypatch.undo()
+    _refuse_under(monkeypatch, "iterdir", tmp_path)
+    _refuse_under(monkeypatch, "is_file", tmp_path)
+    assert main(["versions", str(root)]) == 2
+    assert "cannot read artifact root" in _one_error_line(capsys, "versions")
+
+
+def test_an_unreadable_array_is_a_one_line_refusal(
+    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An array the checksum cannot read was a PermissionError traceback with exit 1."""
+    version = tmp_path / "v1"
+    shutil.copytree(tiny_artifact, version)
+    original = Path.open
+
+    def refused(self: Path, *args: object, **kwargs: object) -> object:
+        if self == version / "item_table.npy":
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refused)
+    code = main(["evaluate", "--artifact", str(version), "--data", str(tiny_dataset.path)])
+    assert code == 2
+    assert "item_table.npy cannot be read: Permission denied" in _one_error_line(capsys, "evaluate")
+
+
+def test_an_unreadable_data_dir_and_an_unknown_item_are_named(
+    tiny_artifact: Path, tiny_dataset: TinyDataset, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A split past the artifact's items names its file and row (it named the folder only);
+    a data dir that cannot be looked into names the split (it was a traceback)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset.path, data)
+    n_items = int(json.loads((tiny_artifact / "manifest.json").read_text())["dataset"]["n_items"])
+    with (data / "test.txt").open("a") as handle:
+        handle.write(f"3 {n_items + 5} 5\n")
+    assert main(["evaluate", "--artifact", str(tiny_artifact), "--data", str(data)]) == 2
+    assert f"{data / 'test.txt'}: the row of user 3 and item {n_items + 5} names an item" in (
+        _one_error_line(capsys, "evaluate")
+    )
+    _refuse_under(monkeypatch, "is_file", data)
+    assert main(["train", "--data", str(data), "--threshold", str(tiny_dataset.threshold),
+                 "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert f"{data / 'train.txt'}: cannot be read: Permission denied" in _one_error_line(
+        capsys, "train"
+    )
+    assert not (tmp_path / "out").exists()

@@ -305,7 +305,8 @@ def test_evaluating_a_log_version_on_a_split_with_users_its_log_created_is_refus
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("signedrec evaluate: error: ")
-    assert f"user ids up to {N_USERS}" in err
+    # The file and the row, as every data error names them.
+    assert f"{data / 'test.txt'}: the row of user {N_USERS} and item 3 names a user beyond" in err
 
 
 def test_a_model_trained_on_the_log_holds_the_live_graph(
