@@ -59,7 +59,7 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.metrics.since_snapshot.set_function(
-            lambda: 0 if self.state is None else self.state.since_snapshot
+            lambda: 0 if self.state is None else self.state.restart_replay()
         )
         self.metrics.registry.register(CacheCollector(lambda: self.state))
         self.metrics.registry.register(LogCollector(lambda: self.state))

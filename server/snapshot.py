@@ -237,11 +237,11 @@ def read(directory: Path, artifact_version: str, graph: str, items: str) -> Snap
     )
     if snap.graph != graph or not same_catalogue:
         log.info(
-            "snapshot %s was taken under model %s (graph and event weights %s), serving %s "
-            "(%s)%s: replaying the log instead",
+            "snapshot %s holds users built on trained graph and event weights %s (taken while "
+            "serving %s); %s starts from %s%s: replaying the log instead",
             path,
-            snap.artifact_version,
             snap.graph[:12],
+            snap.artifact_version,
             artifact_version,
             graph[:12],
             "" if same_catalogue else " with another item catalogue",

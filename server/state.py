@@ -1059,6 +1059,15 @@ class LiveState:
                     for name, kind in zip(names, kinds.tolist(), strict=True)]  # fmt: skip
         return out
 
+    def restart_replay(self) -> int:
+        """Logged events a restart on the served version would replay: those since the last
+        snapshot, or, once a version trained on another graph is served (a restart builds its
+        users from that graph, which no snapshot of this state fits), all after its watermark."""
+        served = self.item_side.artifact
+        if served.graph_fingerprint == self.graph:
+            return self.since_snapshot
+        return max(self.applied_seq - served.watermark, 0)
+
     def user_count(self) -> int:
         """Users known to the state (trained plus created online)."""
         return len(self.users)

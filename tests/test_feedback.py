@@ -31,7 +31,7 @@ from server.events import (
 )
 from server.feedback import read_feedback
 from server.graph import build_graph, with_feedback
-from server.state import LiveState
+from server.state import ItemSide, LiveState
 from tests.conftest import N_ITEMS, N_USERS, THRESHOLD, TinyDataset, known_training_warnings_ignored
 
 # -- the graph merge --------------------------------------------------------------------------
@@ -610,3 +610,28 @@ def test_a_version_keeps_each_users_latest_logged_events(
     offsets, data = kept["log_id_offsets"], kept["log_id_bytes"].tobytes()
     ids = [data[offsets[k] : offsets[k + 1]] for k in range(len(expected))]
     assert ids == [blobs[n] for n in expected]
+
+
+def test_the_replay_a_restart_needs_counts_every_event_after_a_swapped_in_graph(
+    tiny_dataset: TinyDataset, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Served a version trained on the log (another graph), a restart builds users from its
+    graph and replays all after its watermark, as no snapshot of this state fits it: the
+    metric said the events since the last snapshot (0 right after one)."""
+    live = _live(tiny_artifact, tmp_path / "state")
+    _post(live, ONLINE)
+    version = _retrain(tiny_dataset, tiny_artifact, tmp_path / "state", tmp_path / "root")
+    _post(live, [("late1", "2", "11", "like", None), ("late2", "3", "12", "dislike", None)])
+    assert live.restart_replay() == live.since_snapshot  # its own graph: the snapshot's count
+    live.swap(ItemSide(load_artifact(version), live.config))
+    live.write_snapshot()
+    assert live.since_snapshot == 0
+    expected = live.applied_seq - load_artifact(version).watermark
+    assert live.restart_replay() == expected == 2
+    asyncio.run(live.close())
+    restarted = _live(version, tmp_path / "state")
+    try:
+        assert restarted.events_applied == expected  # what the restart really replayed
+        assert restarted.restart_replay() == restarted.since_snapshot
+    finally:
+        asyncio.run(restarted.close())
