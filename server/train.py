@@ -113,7 +113,8 @@ def _axes(config: ModelConfig) -> list[tuple[str, tuple[Any, ...]]]:
         ("l2", config.l2_grid),
         ("dropout", config.dropout_grid),
         ("neg_weight", config.neg_input_grid),
-        ("gf_mix", config.gf_mix_grid),
+        # The search starts with the graph filter off, so the start's mix is its first value.
+        ("gf_mix", tuple(dict.fromkeys((config.start.gf_mix, *config.gf_mix_grid)))),
         ("gf_rank", config.gf_rank_grid),
         ("gf_ideal", config.gf_ideal_grid),
     ]

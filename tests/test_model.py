@@ -8,6 +8,7 @@ order, gives the batch vector, and scores are ``u @ item_vectors.T``.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -20,12 +21,13 @@ import pytest
 import torch
 
 from server.artifacts import Artifact, list_versions, load_artifact
-from server.config import load_config
+from server.config import Hyper, ModelConfig, load_config
 from server.data import load_dataset
 from server.evaluate import KS
 from server.events import NewEvent
 from server.graph import SignedGraph, build_graph
 from server.state import LiveState
+from server.train import search
 
 if TYPE_CHECKING:
     from conftest import TinyDataset
@@ -225,3 +227,17 @@ def test_ease_is_ease_to_its_own_input_split_by_sign(graph: SignedGraph, neg_wei
     split = model.ease_to(2.0, 0.25, positive) + neg_weight * model.ease_to(2.0, 0.25, negative)
     np.testing.assert_allclose(split.numpy(), model.ease(2.0, 0.25).numpy(), atol=1e-9)
     assert np.abs(np.diagonal(model.ease_to(2.0, 0.25, negative).numpy())).max() < 1e-9
+
+
+def test_the_searchs_start_mix_is_tried_even_with_an_empty_mix_grid() -> None:
+    """The search tunes the autoencoder with the graph filter off first; `model.start.gf_mix`
+    was then never tried, so an empty gf_mix_grid (to pin it) gave a model without the filter."""
+    config = ModelConfig(start=Hyper(gf_mix=2.0), l2_grid=(), dropout_grid=(), neg_input_grid=(),
+                         gf_mix_grid=(), gf_rank_grid=(), gf_ideal_grid=())  # fmt: skip
+
+    def score(hyper: Hyper) -> dict[str, float]:
+        return {config.selection_metric: hyper.gf_mix}  # the filter helps here
+
+    best, _, trials = search(score, config, io.StringIO())
+    assert [t["gf_mix"] for t in trials] == [0.0, 2.0]
+    assert best.gf_mix == 2.0
