@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 import kernels
@@ -51,6 +52,20 @@ from server.propensity import Propensity
 from server.ranking import Ragged, candidates, popular_pool, rank_pool, rank_proven
 
 log = logging.getLogger("signedrec.state")
+
+
+def _warn_if_trained_with_other_weights(artifact: Artifact, config: Config, then: str) -> None:
+    """A version trained on a log baked that log's events in with its trainer's ``events``
+    weights: a server configured with others folds only later events with its own."""
+    trained = artifact.manifest.get("log", {}).get("weights")
+    ours = msgspec.to_builtins(config.events)
+    if isinstance(trained, dict) and trained != ours:
+        log.warning(
+            "model %s folded the logged events up to seq %d with events weights %s, this server "
+            "is configured with %s: %s (train --events with the server's --config to match)",
+            artifact.version, artifact.watermark, trained, ours, then,
+        )  # fmt: skip
+
 
 TRAIN_KIND = {True: "like", False: "dislike"}
 # A history row: event id, item id, kind, value, time (id, value and time None for a dataset row).
@@ -331,6 +346,7 @@ class LiveState:
         # Snapshots hold folded strengths, not events: one taken under other `events` weights
         # would restore other strengths than a replay derives, so their key includes them.
         self.snapshot_key = snapshot.state_key(self.graph, config.events)
+        _warn_if_trained_with_other_weights(artifact, config, "its logged events keep those")
         self._pos_indptr, self._pos_items = arrays["pos_indptr"], arrays["pos_items"]
         self._neg_indptr, self._neg_items = arrays["neg_indptr"], arrays["neg_items"]
         # Edge weights: 1 for dataset rows, an event kind's strength for feedback from a log.
@@ -403,6 +419,11 @@ class LiveState:
                 f"model {side.version} has a different item catalogue than {old.version}; "
                 "it cannot take over the live users"
             )
+        _warn_if_trained_with_other_weights(
+            side.artifact, self.config,
+            "live users keep this server's weights until a restart on it gives those to the "
+            "events it was trained on",
+        )  # fmt: skip
         if side.threshold != old.threshold:
             # Live strengths were derived from logged ratings with the old threshold; a restart
             # would re-derive them with the new one, so the live users would differ from it.

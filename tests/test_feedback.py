@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -635,3 +636,19 @@ def test_the_replay_a_restart_needs_counts_every_event_after_a_swapped_in_graph(
         assert restarted.restart_replay() == restarted.since_snapshot
     finally:
         asyncio.run(restarted.close())
+
+
+def test_a_server_with_other_event_weights_than_a_log_version_was_trained_with_warns(
+    retrained: tuple[LiveState, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The version baked its log's events in with the trainer's weights; a server configured
+    with others re-weighted none of them, silently (review L)."""
+    _, version = retrained
+    caplog.set_level(logging.WARNING, logger="signedrec.state")
+    state = LiveState(version, tmp_path / "same", load_config(env={}))
+    assert "events weights" not in caplog.text
+    state = LiveState(version, tmp_path / "other",
+                      load_config(env={"SIGNEDREC_EVENTS__LIKE": "5"}))  # fmt: skip
+    assert "folded the logged events up to seq" in caplog.text
+    assert "'like': 5.0" in caplog.text
+    del state
