@@ -55,14 +55,24 @@ def set_cpu_threads(threads: int) -> None:
         log.info("faiss CPU searches use %d OpenMP thread(s)", threads)
 
 
+# IVF's k-means wants this many training vectors per list; fewer items get an exact index.
+IVF_ITEMS_PER_LIST = 8
+
+
 class ItemIndex:
     """One FAISS index over a fixed item matrix; ids are the dense item indices."""
 
     def __init__(self, vectors: np.ndarray, config: IndexConfig, name: str = "items") -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size, self.dim = vectors.shape
-        self.kind = config.kind
         cpu_index = self._build_cpu(vectors, config)
+        # The kind really built: IVF too big for the catalogue to train is exact search.
+        self.kind = "flat" if isinstance(cpu_index, faiss.IndexFlat) else config.kind
+        if self.kind != config.kind:
+            log.warning("index.kind=%s needs at least %d items (%d per index.ivf_nlist list), "
+                        "%s has %d: an exact flat index instead", config.kind,
+                        IVF_ITEMS_PER_LIST * config.ivf_nlist, IVF_ITEMS_PER_LIST, name,
+                        self.size)  # fmt: skip
         # IVF probes a few lists and HNSW walks a graph: a deep search can come back short (-1
         # ids). Those rows are searched again exactly on these vectors (kept by reference).
         self._exact = vectors if isinstance(cpu_index, faiss.IndexIVF | faiss.IndexHNSW) else None
@@ -95,7 +105,7 @@ class ItemIndex:
     @staticmethod
     def _build_cpu(vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
         n, d = vectors.shape
-        if config.kind == "ivf" and n >= config.ivf_nlist * 8:
+        if config.kind == "ivf" and n >= config.ivf_nlist * IVF_ITEMS_PER_LIST:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, config.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import faiss
@@ -165,3 +166,15 @@ def test_an_index_kind_faiss_cannot_put_on_the_gpu_stays_on_the_cpu_under_auto()
     assert ItemIndex(vectors, IndexConfig(kind="flat", device="auto")).device == "gpu"
     with pytest.raises(ConfigError, match=r"index\.device=gpu but faiss cannot put a hnsw index"):
         ItemIndex(vectors, IndexConfig(kind="hnsw", device="gpu"))
+
+
+def test_an_ivf_too_big_for_the_catalogue_says_it_is_exact(caplog: pytest.LogCaptureFixture
+                                                           ) -> None:  # fmt: skip
+    """It logged "ivf" while searching a flat index, so ivf_nlist and ivf_nprobe seemed to act."""
+    vectors = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    caplog.set_level(logging.INFO, logger="signedrec.index")
+    small = ItemIndex(vectors, IndexConfig(kind="ivf", device="cpu", ivf_nlist=64))
+    assert small.kind == "flat"
+    assert "index.kind=ivf needs at least 512 items" in caplog.text
+    assert "faiss flat index" in caplog.text
+    assert ItemIndex(vectors, IndexConfig(kind="ivf", device="cpu", ivf_nlist=4)).kind == "ivf"
