@@ -101,6 +101,10 @@ class EventWeights(Base):
     rating_negative: Disliking = -1.0
 
 
+# Settings handed to C ints (FAISS, OpenMP, the garbage collector): beyond this they overflow
+# there, after the model has loaded, instead of failing as a config error.
+C_INT_MAX = 2**31 - 1
+
 # Ranking's penalty weights are in units of the user's best candidate's score (1): beyond this
 # a penalty alone decides the order. The bound also keeps out inf, which fails every request.
 MAX_RANKING_WEIGHT = 1000.0
@@ -144,17 +148,18 @@ class IndexConfig(Base):
 
     kind: Literal["flat", "ivf", "hnsw"] = "flat"
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    ivf_nlist: Annotated[int, msgspec.Meta(ge=1)] = 256
-    ivf_nprobe: Annotated[int, msgspec.Meta(ge=1)] = 16
-    hnsw_m: Annotated[int, msgspec.Meta(ge=2)] = 32  # HNSW's level factor is 1 / ln(m)
-    hnsw_ef_search: Annotated[int, msgspec.Meta(ge=1)] = 128
+    ivf_nlist: Annotated[int, msgspec.Meta(ge=1, le=C_INT_MAX)] = 256
+    ivf_nprobe: Annotated[int, msgspec.Meta(ge=1, le=C_INT_MAX)] = 16
+    # HNSW's level factor is 1 / ln(m).
+    hnsw_m: Annotated[int, msgspec.Meta(ge=2, le=C_INT_MAX)] = 32
+    hnsw_ef_search: Annotated[int, msgspec.Meta(ge=1, le=C_INT_MAX)] = 128
     # OpenMP threads FAISS may use for CPU searches; 0 keeps FAISS's default (one per core).
     # The server's micro-batches are small, and idle OpenMP workers spin-wait on the cores the
     # event loop needs: at 1500 req/s on 2 cores one thread cut server CPU from 129% to 80%.
-    cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
+    cpu_threads: Annotated[int, msgspec.Meta(ge=0, le=C_INT_MAX)] = 1
     # faiss-gpu answers at most this many neighbours per search (its GPU_MAX_SELECTION_K); a
     # deeper search (a user with a long history) runs on the index's CPU copy instead.
-    gpu_max_k: Annotated[int, msgspec.Meta(ge=1)] = 2048
+    gpu_max_k: Annotated[int, msgspec.Meta(ge=1, le=C_INT_MAX)] = 2048
 
 
 class KernelConfig(Base):
@@ -230,7 +235,7 @@ class ServerConfig(Base):
     # the youngest generation is collected every this many net allocations (CPython: 700),
     # because each request allocates hundreds of short-lived framework objects.
     gc_freeze_after_load: bool = True
-    gc_threshold0: Annotated[int, msgspec.Meta(ge=0)] = 20_000
+    gc_threshold0: Annotated[int, msgspec.Meta(ge=0, le=C_INT_MAX)] = 20_000
     # Loading builds millions of acyclic containers (users' feedback, histories) and the cyclic
     # collector would scan the growing heap over and over: off while loading, one collection at
     # the end (1M events in-process: apply 4.4 -> 3.3 s).
@@ -331,7 +336,16 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     text = _text_fields()
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if "__" not in key:
+            # Other SIGNEDREC_ names exist (the load test's); one that starts with a section's
+            # name is a setting with one underscore too few, which would be ignored silently.
+            section, _, rest = key[len(ENV_PREFIX) :].lower().partition("_")
+            if rest and section in Config.__struct_fields__:
+                raise ConfigError(f"environment variable {key}: a setting is named "
+                                  f"{ENV_PREFIX}SECTION__FIELD (two underscores), e.g. "
+                                  f"{ENV_PREFIX}{section.upper()}__{rest.upper()}")  # fmt: skip
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
         # Tables and lists (e.g. access keys) come as JSON text; a string field takes the text

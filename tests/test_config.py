@@ -156,6 +156,10 @@ def test_a_scalar_where_a_section_belongs_is_a_config_error(tmp_path: Path) -> N
         ("SIGNEDREC_LOG__SNAPSHOT_EVERY_EVENTS", "0", "log.snapshot_every_events"),
         ("SIGNEDREC_INDEX__IVF_NLIST", "0", "index.ivf_nlist"),
         ("SIGNEDREC_INDEX__HNSW_M", "1", "index.hnsw_m"),
+        # Handed to C ints: an overflow traceback after loading, exit 3 (review L).
+        ("SIGNEDREC_SERVER__GC_THRESHOLD0", "3000000000", "server.gc_threshold0"),
+        ("SIGNEDREC_INDEX__CPU_THREADS", "3000000000", "index.cpu_threads"),
+        ("SIGNEDREC_INDEX__HNSW_EF_SEARCH", "2147483648", "index.hnsw_ef_search"),
         ("SIGNEDREC_ACCESS__HMAC_WINDOW_S", "-1", "access.hmac_window_s"),
         ("SIGNEDREC_SERVER__GRACEFUL_SHUTDOWN_S", "0", "server.graceful_shutdown_s"),
         ("SIGNEDREC_SERVER__LISTEN_BACKLOG", "0", "server.listen_backlog"),
@@ -293,12 +297,15 @@ def test_an_env_variables_error_names_the_variable_not_the_file(tmp_path: Path) 
         "SIGNEDREC_SERVER__SPORT": ("1", "unknown field `sport`"),
         "SIGNEDREC_SERVER__HOST": (" ", "$.server.host"),  # blank: no interface by that name
         "SIGNEDREC_SERVRE__PORT": ("1", "unknown field `servre`"),  # a mistyped section
+        # One underscore too few was skipped silently (review L); other names stay free.
+        "SIGNEDREC_RANKING_MAX_K": ("5", "(two underscores), e.g. SIGNEDREC_RANKING__MAX_K"),
     }
     for variable, (value, fragment) in cases.items():
         with pytest.raises(ConfigError) as caught:
             load_config(path, env={variable: value})
         assert caught.value.message.startswith(f"environment variable {variable}: ")
         assert fragment in caught.value.message
+    assert load_config(path, env={"SIGNEDREC_LT_RATE": "5"}).server.port == 8080
     path.write_text('[server]\nport = "abc"\n')
     with pytest.raises(ConfigError, match=re.escape(f"config file {path}: ")):
         load_config(path, env={"SIGNEDREC_SERVER__HOST": "127.0.0.1"})
