@@ -203,6 +203,13 @@ class EventLogConfig(Base):
     # versions, and `train --events --since` the newest, never read it. "all": keep every event.
     retention: Literal["all", "trained"] = "all"
 
+    def __post_init__(self) -> None:
+        if self.snapshot_retry_seconds > self.snapshot_retry_max_seconds:
+            raise ValueError(
+                f"log.snapshot_retry_seconds ({self.snapshot_retry_seconds:g}) must not exceed "
+                f"log.snapshot_retry_max_seconds ({self.snapshot_retry_max_seconds:g})"
+            )
+
 
 HttpFront = Literal["uvicorn", "granian"]
 HTTP_FRONTS: tuple[str, ...] = get_args(HttpFront)
@@ -251,6 +258,8 @@ class ServerConfig(Base):
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError here as a validation error at `$.server`.
+        if self.state_dir and not self.state_dir.strip():  # "" is unset; "  " is a typo
+            raise ValueError("server.state_dir must not be blank (leave it unset for the default)")
         if self.history_default_limit > self.history_max_limit:
             raise ValueError(
                 f"server.history_default_limit ({self.history_default_limit}) must not exceed "
@@ -274,6 +283,11 @@ class AccessConfig(Base):
     )
 
     def __post_init__(self) -> None:
+        for key in self.keys:
+            # HTTP strips a header value's surrounding whitespace: such a key never matches.
+            if not key or key != key.strip():
+                raise ValueError(f"access.keys: key {key!r} is empty or has surrounding "
+                                 "whitespace, which no request header can carry")  # fmt: skip
         for origin in self.allowed_origins:
             try:
                 urlsplit(origin).port  # noqa: B018 - parsing it is the check
@@ -418,4 +432,9 @@ def _source(message: str, overrides: Mapping[str, Mapping[str, Any]], where: str
         field = unknown.group(1) if unknown and at.group(2) is None else at.group(2)
     if field is not None and field in overrides.get(section, {}):
         return f"environment variable {ENV_PREFIX}{section.upper()}__{field.upper()}"
+    if field is None and overrides.get(section):
+        # A check across a section's fields (default_k against max_k): the file alone may not
+        # hold any of them, so the section's variables are named beside it.
+        names = ", ".join(f"{ENV_PREFIX}{section.upper()}__{f.upper()}" for f in overrides[section])
+        return f"{where} with environment variables {names}"
     return where

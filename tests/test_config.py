@@ -323,3 +323,33 @@ def test_an_allowed_origin_must_be_an_origin(origin: str, problem: str) -> None:
     with pytest.raises(ConfigError, match="allowed_origins") as refused:
         load_config(env={"SIGNEDREC_ACCESS__ALLOWED_ORIGINS": f'["{origin}"]'})
     assert re.search(problem, refused.value.message)
+
+
+def test_a_cross_field_error_from_a_variable_names_it(tmp_path: Path) -> None:
+    """default_k above max_k set by a variable was blamed on a file that holds neither."""
+    path = tmp_path / "ok.toml"
+    path.write_text("[server]\nport = 8080\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"SIGNEDREC_RANKING__DEFAULT_K": "300"})
+    assert caught.value.message.startswith(
+        f"config file {path} with environment variables SIGNEDREC_RANKING__DEFAULT_K: "
+    )
+    assert "must not exceed ranking.max_k" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"SIGNEDREC_SERVER__STATE_DIR": "  "}, "server.state_dir must not be blank"),
+        ({"SIGNEDREC_ACCESS__KEYS": '{" k1": "admin"}'}, "surrounding whitespace"),
+        ({"SIGNEDREC_ACCESS__KEYS": '{"": "admin"}'}, "is empty"),
+        ({"SIGNEDREC_LOG__SNAPSHOT_RETRY_SECONDS": "1000"},
+         r"log.snapshot_retry_seconds \(1000\) must not exceed"),
+    ],
+)  # fmt: skip
+def test_values_that_could_never_act_as_meant_are_refused(env: dict[str, str], problem: str
+                                                          ) -> None:  # fmt: skip
+    """A blank state dir (taken as a folder named by spaces), a key no header can carry (every
+    request 401), a retry wait above its own maximum (the maximum silently won) (review L)."""
+    with pytest.raises(ConfigError, match=problem):
+        load_config(env=env)
