@@ -60,6 +60,7 @@ from server.errors import (
     UnknownVersionError,
 )
 from server.events import NewEvent
+from server.http_guard import guarded_protocol
 from server.service import Service
 from server.state import LiveState
 from server.wire import (
@@ -281,6 +282,9 @@ async def feedback(request: Request) -> FeedbackOut:
     service = _service(request)
     state = service.live()
     admit(service.guard, service.limiter, "write", request.headers, _client(request))
+    # Read before it counts: a body still arriving is no work of ours, and slow uploads
+    # holding the in-flight bound would shed every other client's writes.
+    body = await _read_body(request)
     try:
         service.inflight.refuse_write()
     except OverloadedError:
@@ -288,15 +292,14 @@ async def feedback(request: Request) -> FeedbackOut:
         raise
     service.inflight.current += 1
     try:
-        return await _feedback(service, state, request, started)
+        return await _feedback(service, state, request, body, started)
     finally:
         service.inflight.current -= 1
 
 
 async def _feedback(
-    service: Service, state: LiveState, request: Request, started: float
+    service: Service, state: LiveState, request: Request, body: bytes, started: float
 ) -> FeedbackOut:
-    body = await _read_body(request)
     limits = state.config.server
     if len(body) > limits.max_body_bytes:
         raise BodyTooLargeError(f"body exceeds {limits.max_body_bytes} bytes")
@@ -598,7 +601,9 @@ def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Co
         uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            http=guarded_protocol(
+                config.server.request_read_timeout_s, config.server.max_pipelined
+            ),
             log_level=config.server.log_level,
             access_log=False,
             timeout_graceful_shutdown=config.server.graceful_shutdown_s,
@@ -647,16 +652,31 @@ def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Co
         log_access=False,
     )
     server.workers_kill_timeout = config.server.graceful_shutdown_s
+    stop_signalled = False
+
+    def stop() -> None:
+        nonlocal stop_signalled
+        stop_signalled = True
+        server.stop()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, server.stop)
+            loop.add_signal_handler(signum, stop)
         service.on_load_failure = server.stop
         await server.serve()
 
     try:
         uvloop.run(main())
+    except TimeoutError:
+        if not stop_signalled:
+            log.exception("granian stopped with an error")
+            return False
+        # Its workers did not join within the grace period: a client connection was still
+        # open (a stalled upload, say). The app's shutdown ran; the stop is as graceful as
+        # uvicorn's, which closes such connections at the same point.
+        log.warning("connections still open %d s after the stop signal were closed "
+                    "(server.graceful_shutdown_s)", config.server.graceful_shutdown_s)  # fmt: skip
     except Exception:  # granian's own startup errors
         log.exception("granian stopped with an error")
         return False

@@ -255,6 +255,12 @@ class ServerConfig(Base):
     # Recommendation requests of one event-loop tick ranked together (one FAISS search, one
     # kernel call); a fuller tick is ranked at once in more than one batch.
     recommend_batch: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # uvicorn front (granian bounds these itself): a client has this long from a request's first
+    # byte to its last (else 408, or a dropped upload), and a connection this many pipelined
+    # requests queued behind the one running (else it is closed): slow or greedy clients would
+    # otherwise hold file descriptors and memory without bound.
+    request_read_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60
+    max_pipelined: Annotated[int, msgspec.Meta(ge=1)] = 64
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError here as a validation error at `$.server`.
