@@ -195,7 +195,7 @@ class EventLogConfig(Base):
     snapshot_retry_max_seconds: Annotated[float, msgspec.Meta(gt=0.0)] = 900.0
     fsync: bool = True
     # Idempotency: a repeated event_id among this many most recent acceptances is acknowledged,
-    # not applied; older ids are forgotten so memory stays bounded (~160 bytes per 32-char id).
+    # not applied; older ids are forgotten so memory stays bounded (~200 bytes per 32-char id).
     dedup_window: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
     # "trained": once every model version under the artifact root was trained on a log segment
     # (`signedrec train --events`, the manifest's watermark) and it is older than the dedup
