@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit
 import msgspec
 
 from server.errors import ConfigError
+
+log = logging.getLogger("signedrec.config")
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -125,7 +128,7 @@ class RankingConfig(Base):
     # None: use the dislike-propensity weight validated at training time (0 for older artifacts).
     propensity_beta: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RANKING_WEIGHT)] | None = None
     # How many of the user's latest dislikes the look-alike suppression looks at (0: none).
-    suppression_recent: Annotated[int, msgspec.Meta(ge=0)] = 50
+    suppression_recent: Annotated[int, msgspec.Meta(ge=0, le=C_INT_MAX)] = 50
     exclude_seen: bool = True
     # Users whose finished rankings are memoised until their next event or a model swap (exact:
     # nothing else feeds a user's ranking); 0 turns the memo off.
@@ -355,17 +358,20 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Turn ``SIGNEDREC_SECTION__FIELD=value`` variables into a nested dict of raw strings."""
     out: dict[str, dict[str, Any]] = {}
     text = _text_fields()
+    sections = {f.name: f.type.__struct_fields__ for f in msgspec.structs.fields(Config)}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
         if "__" not in key:
-            # Other SIGNEDREC_ names exist (the load test's); one that starts with a section's
-            # name is a setting with one underscore too few, which would be ignored silently.
+            # Other SIGNEDREC_ names exist (the load test's, Kubernetes' service links such as
+            # SIGNEDREC_SERVER_PORT for a Service named signedrec-server), so this is only
+            # warned: a section and one of its fields joined by one underscore, likely a
+            # setting with one underscore too few, which would otherwise be ignored unseen.
             section, _, rest = key[len(ENV_PREFIX) :].lower().partition("_")
-            if rest and section in Config.__struct_fields__:
-                raise ConfigError(f"environment variable {key}: a setting is named "
-                                  f"{ENV_PREFIX}SECTION__FIELD (two underscores), e.g. "
-                                  f"{ENV_PREFIX}{section.upper()}__{rest.upper()}")  # fmt: skip
+            if rest in sections.get(section, ()):
+                log.warning("environment variable %s is ignored: a setting is named "
+                            "%sSECTION__FIELD (two underscores), e.g. %s%s__%s", key, ENV_PREFIX,
+                            ENV_PREFIX, section.upper(), rest.upper())  # fmt: skip
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
         # Tables and lists (e.g. access keys) come as JSON text; a string field takes the text
@@ -438,9 +444,10 @@ def _source(message: str, overrides: Mapping[str, Mapping[str, Any]], where: str
         field = unknown.group(1) if unknown and at.group(2) is None else at.group(2)
     if field is not None and field in overrides.get(section, {}):
         return f"environment variable {ENV_PREFIX}{section.upper()}__{field.upper()}"
-    if field is None and overrides.get(section):
+    named = [f for f in overrides.get(section, {}) if f"{section}.{f} " in message]
+    if field is None and named:
         # A check across a section's fields (default_k against max_k): the file alone may not
-        # hold any of them, so the section's variables are named beside it.
-        names = ", ".join(f"{ENV_PREFIX}{section.upper()}__{f.upper()}" for f in overrides[section])
+        # hold any of them, so the variables its message names are named beside it.
+        names = ", ".join(f"{ENV_PREFIX}{section.upper()}__{f.upper()}" for f in named)
         return f"{where} with environment variables {names}"
     return where
