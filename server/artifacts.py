@@ -406,23 +406,33 @@ def _publish(tmp: Path, root: Path, body: dict[str, Any], chosen: bool) -> Path:
 
 
 def list_versions(root: Path) -> list[str]:
-    """Versions under a root that have a manifest, oldest first; a directory that cannot be
-    looked into is listed too, so loading it says why (one bad version hides no other)."""
+    """Versions under a root that have a manifest, oldest first (the last is the newest a
+    plain load or reload takes); directories that cannot be looked into are not among them."""
+    return _scan(root)[0]
+
+
+def unreadable_entries(root: Path) -> list[str]:
+    """Directories under a root that cannot be looked into (a version this user may not read,
+    or a volume's lost+found): listed as unusable, never taken as the newest version."""
+    return _scan(root)[1]
+
+
+def _scan(root: Path) -> tuple[list[str], list[str]]:
     root = Path(root)
     try:
         if not root.is_dir():
-            return []
+            return [], []
         entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     except OSError as exc:  # e.g. a root this user may not read
         raise ArtifactError(f"cannot read artifact root {root}: {exc.strerror or exc}") from None
-    return sorted(p.name for p in entries if _may_be_version(p))
-
-
-def _may_be_version(path: Path) -> bool:
-    try:
-        return path.is_dir() and (path / MANIFEST).is_file()
-    except OSError:  # a version dir this user may not read: its manifest's read will say so
-        return True
+    versions, unreadable = [], []
+    for entry in entries:
+        try:
+            if entry.is_dir() and (entry / MANIFEST).is_file():
+                versions.append(entry.name)
+        except OSError:  # one such entry must not hide the root's versions
+            unreadable.append(entry.name)
+    return sorted(versions), sorted(unreadable)
 
 
 def is_version(path: Path) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.artifacts import list_versions
+from server.artifacts import list_versions, resolve
 from server.cli import main
 from server.config import load_config
 from server.service import Service
@@ -359,19 +359,26 @@ def test_an_unreadable_version_is_listed_as_unusable_beside_the_others(
     tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    """One version dir this user may not read refused the whole root, blaming the root, and
-    hid the good versions; an unreadable root was a PermissionError traceback."""
+    """One dir this user may not read (a version, or a volume's lost+found) refused the whole
+    root, blaming the root, and hid the good versions; it is listed as unusable and never
+    taken as the newest. An unreadable root was a PermissionError traceback."""
     root = tmp_path / "root"
     for name in ("v1", "v2"):
         shutil.copytree(tiny_artifact, root / name)
+    (root / "lost+found").mkdir()
     _refuse_under(monkeypatch, "is_file", root / "v1")
     _refuse_under(monkeypatch, "read_text", root / "v1")
-    assert list_versions(root) == ["v1", "v2"]
+    _refuse_under(monkeypatch, "is_file", root / "lost+found")
+    _refuse_under(monkeypatch, "read_text", root / "lost+found")
+    assert list_versions(root) == ["v2"]
+    assert resolve(root) == root / "v2"
     assert main(["versions", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("v1 unusable: ")
-    assert "Permission denied" in lines[0]
-    assert lines[1].startswith("v2 ndcg@20(test)=")
+    assert [line.split()[0] for line in lines] == ["lost+found", "v1", "v2"]
+    assert lines[0].startswith("lost+found unusable: ")
+    assert lines[1].startswith("v1 unusable: ")
+    assert "Permission denied" in lines[1]
+    assert lines[2].startswith("v2 ndcg@20(test)=")
     monkeypatch.undo()
     _refuse_under(monkeypatch, "iterdir", tmp_path)
     _refuse_under(monkeypatch, "is_file", tmp_path)
