@@ -551,23 +551,57 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return EXIT_STARTUP_FAILURE
-    if args.artifact is None and not list_versions(artifact):
-        # Bound but not accepting yet: connections are refused until this is done (~20 s).
-        log.info("no embedded default artifact yet: training it from %s before serving",
-                 DEFAULT_DATA)  # fmt: skip
-        if not build_default_unless_stopped():
+    with StopSignals() as stops:
+        if args.artifact is None and not list_versions(artifact):
+            # Bound but not accepting yet: connections are refused until this is done (~20 s).
+            log.info("no embedded default artifact yet: training it from %s before serving",
+                     DEFAULT_DATA)  # fmt: skip
+            if not build_default_unless_stopped():
+                return 0
+        if stops.received:
+            log.info("%s before serving: stopped", stops.received[0])
             return 0
-    log.info("listening on http://%s:%d (%s); loading %s", host, sock.getsockname()[1],
-             config.server.http, artifact)  # fmt: skip
-    service: Service = app.state["service"]
-    run = run_granian if config.server.http == "granian" else run_uvicorn
-    started = run(app, sock, service, config)
+        log.info("listening on http://%s:%d (%s); loading %s", host, sock.getsockname()[1],
+                 config.server.http, artifact)  # fmt: skip
+        service: Service = app.state["service"]
+        run = run_granian if config.server.http == "granian" else run_uvicorn
+        started = run(app, sock, service, config, stops)
     failure = service.load_error
     if isinstance(failure, SignedrecError):
         raise failure  # the CLI prints its message and exits 2, like any bad input
     if failure is not None or not started:
         return EXIT_STARTUP_FAILURE  # a bug: its traceback is in the log
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT from the start of ``serve`` until its front takes them over, and in
+    the gaps between (after the default's training, before a front's own handlers): each is
+    remembered and honoured as soon as a front runs, instead of being lost or killing the
+    process by the signal's default action."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._remember) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _remember(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signal.Signals(signum).name)
+
+    def remember_again(self) -> None:
+        """Take the signals back once a front that replaced the handlers has stopped."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._remember)
 
 
 class _StopRequested(Exception):
@@ -582,7 +616,7 @@ def _request_stop(signum: int, frame: FrameType | None) -> None:
 def build_default_unless_stopped() -> bool:
     """Train the missing default before serving; False when a stop signal ended it, so a
     SIGTERM'd serve exits 0 whether it came before, during or after that training."""
-    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, _request_stop) for sig in STOP_SIGNALS}
     try:
         build_default()
     except _StopRequested as stop:
@@ -595,7 +629,9 @@ def build_default_unless_stopped() -> bool:
     return True
 
 
-def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:
+def run_uvicorn(
+    app: Litestar, sock: socket.socket, service: Service, config: Config, stops: StopSignals
+) -> bool:
     """Serve ``app`` on ``sock`` with uvicorn (httptools on the loop thread); whether it started."""
     server = uvicorn.Server(
         uvicorn.Config(
@@ -611,23 +647,26 @@ def run_uvicorn(app: Litestar, sock: socket.socket, service: Service, config: Co
         )
     )
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
-    # After its graceful shutdown uvicorn restores the handlers it found and raises the stop
-    # signal again; a handler that does nothing here makes that a no-op, so a SIGTERM'd serve
-    # exits 0 as it does under granian, instead of dying by the signal after a clean stop.
-    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def exit_soon(signum: int, frame: FrameType | None) -> None:
+        # Until uvicorn installs its own handlers (a signal there was lost), and after its
+        # graceful shutdown, when it raises the stop signal again: then a no-op, so a SIGTERM'd
+        # serve exits 0 as it does under granian instead of dying by the signal.
+        server.should_exit = True
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, exit_soon)
+    server.should_exit = bool(stops.received)  # one that came in the gap before
     try:
         server.run(sockets=[sock])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stops.remember_again()
     return bool(server.started)
 
 
-def _stopped(signum: int, frame: FrameType | None) -> None:
-    """Swallow the stop signal uvicorn raises again once it has shut down gracefully."""
-
-
-def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Config) -> bool:
+def run_granian(
+    app: Litestar, sock: socket.socket, service: Service, config: Config, stops: StopSignals
+) -> bool:
     """Serve ``app`` with granian embedded in this process (HTTP on its Rust threads, the app on
     this uvloop loop); whether it started. SIGTERM and SIGINT stop it gracefully."""
     import uvloop
@@ -661,8 +700,10 @@ def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Co
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop)
+        if stops.received:  # one that came while granian was being set up
+            loop.call_soon(stop)
         service.on_load_failure = server.stop
         await server.serve()
 
@@ -680,5 +721,7 @@ def run_granian(app: Litestar, sock: socket.socket, service: Service, config: Co
     except Exception:  # granian's own startup errors
         log.exception("granian stopped with an error")
         return False
+    finally:
+        stops.remember_again()  # the loop's handlers went with it
     # The app's startup hook is what starts loading: it ran, so the server listened.
     return service.loading is not None

@@ -129,3 +129,31 @@ def test_a_stop_while_the_default_trains_exits_0_and_writes_nothing(tmp_path: Pa
     assert "Traceback" not in text
     root = repo / "model_artifacts" / "default"
     assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.parametrize("front", HTTP_FRONTS)
+def test_a_stop_signal_just_after_listening_is_honoured(tmp_path: Path, front: str) -> None:
+    """Sent as "listening on" is logged, before the front's own handlers exist: uvicorn's
+    placeholder swallowed it (the server kept serving), granian died by it (exit 143)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = child_environment({"SIGNEDREC_KERNELS__BACKEND": "cpu", "SIGNEDREC_SERVER__HTTP": front})
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--artifact", str(DEFAULT_ARTIFACTS),
+             "--port", str(port), "--state-dir", str(tmp_path / "state")],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "listening on" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        finally:
+            proc.kill()
+            proc.wait()
