@@ -38,6 +38,11 @@ def guarded_protocol(read_timeout_s: float, max_pipelined: int) -> type[HttpTool
         _deadline: asyncio.TimerHandle | None = None
         _headers_done = False
 
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            # A connection that never sends a byte is held to the same deadline.
+            self._deadline = self.loop.call_later(read_timeout_s, self._timed_out)
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._headers_done = False

@@ -73,7 +73,8 @@ def test_uvicorn_bounds_a_requests_read_time_and_a_connections_pipeline(
     try:
         address = ("127.0.0.1", srv.port)
         headers, upload = socket.create_connection(address), socket.create_connection(address)
-        sockets.extend([headers, upload])
+        silent = socket.create_connection(address)  # never sends a byte
+        sockets.extend([headers, upload, silent])
         headers.sendall(b"GET /healthz HTTP/1.1\r\nHo")
         upload.sendall(SLOW_UPLOAD)
         started = time.monotonic()
@@ -82,6 +83,7 @@ def test_uvicorn_bounds_a_requests_read_time_and_a_connections_pipeline(
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 ")
         assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert _read_all(silent, 10.0).startswith(b"HTTP/1.1 408 ")  # it stayed open for ever
         # The upload is cut off too; its app call saw a disconnect, so nothing was applied.
         assert b"200 OK" not in _read_all(upload, 10.0)
         # Pipelining a few is served in order; flooding closes the connection, nothing else.
