@@ -588,7 +588,8 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        self._previous = {sig: signal.signal(sig, self._remember) for sig in STOP_SIGNALS}
+        self._previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        self.remember_again()
         return self
 
     def __exit__(self, *exc: object) -> None:

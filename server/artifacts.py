@@ -408,16 +408,13 @@ def _publish(tmp: Path, root: Path, body: dict[str, Any], chosen: bool) -> Path:
 def list_versions(root: Path) -> list[str]:
     """Versions under a root that have a manifest, oldest first (the last is the newest a
     plain load or reload takes); directories that cannot be looked into are not among them."""
-    return _scan(root)[0]
+    return scan_root(root)[0]
 
 
-def unreadable_entries(root: Path) -> list[str]:
-    """Directories under a root that cannot be looked into (a version this user may not read,
-    or a volume's lost+found): listed as unusable, never taken as the newest version."""
-    return _scan(root)[1]
-
-
-def _scan(root: Path) -> tuple[list[str], list[str]]:
+def scan_root(root: Path) -> tuple[list[str], list[str]]:
+    """A root's versions (as :func:`list_versions`) and the directories under it that cannot be
+    looked into (a version this user may not read, or a volume's lost+found): listed as
+    unusable, never taken as the newest version."""
     root = Path(root)
     try:
         if not root.is_dir():

@@ -173,19 +173,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
-    from server.artifacts import (
-        inspect_version,
-        list_versions,
-        numeric_metrics,
-        root_of,
-        unreadable_entries,
-    )
+    from server.artifacts import inspect_version, numeric_metrics, root_of, scan_root
 
     root = Path(args.root)
     if not root.is_dir():
         raise SignedrecError(f"{root}: no such artifact root (a directory of versions)")
     root = root_of(Path(os.path.abspath(root)))  # a version dir lists its root's versions
-    for version in sorted([*list_versions(root), *unreadable_entries(root)]):
+    versions, unreadable = scan_root(root)
+    for version in sorted(versions + unreadable):
         # One bad version must not hide the others; a reload would refuse it at once.
         manifest, problem = inspect_version(root / version)
         if manifest is None or problem is not None:
